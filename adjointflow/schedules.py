@@ -1,0 +1,359 @@
+"""Noise schedules of Gaussian probability paths ``x_t = alpha(t) x_0 + sigma(t) eps``.
+
+Convention (DESIGN.md §2): ``t`` in ``[0, 1]``, ``t = 0`` is data, ``t = 1`` the prior. All
+coefficients are computed in float64; ``lambda(t) = log(alpha/sigma)`` is the half log-SNR, the
+variable of exponential integrators (Lu et al. 2022, DPM-Solver).
+
+A schedule is defined by ``log_alpha``, ``log_sigma`` and their time derivatives; everything else
+(``alpha``, ``sigma``, ``log_snr``, the SDE coefficients ``f`` and ``g^2``) is derived here once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NoiseSchedule",
+    "VPLinear",
+    "VPCosine",
+    "VPDiscrete",
+    "VE",
+    "EDM",
+    "LinearFlow",
+    "as_time",
+]
+
+
+def as_time(t) -> Tensor:
+    """Return ``t`` as a float64 tensor (times and coefficients are float64 throughout)."""
+    if isinstance(t, Tensor):
+        return t.to(torch.float64)
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+def _log_sigma_vp(log_alpha: Tensor) -> Tensor:
+    # sigma^2 = 1 - alpha^2; expm1 keeps precision when alpha is close to 1 (t near 0).
+    return 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
+
+
+def _log_alpha_vp_from_lambda(lam: Tensor) -> Tensor:
+    # alpha^2 = 1 / (1 + exp(-2 lambda)) for a variance-preserving path.
+    return -0.5 * torch.nn.functional.softplus(-2.0 * lam)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """Abstract Gaussian path ``x_t = alpha(t) x_0 + sigma(t) eps`` on ``t in [0, 1]``.
+
+    Subclasses implement ``log_alpha``, ``log_sigma``, ``dlog_alpha_dt``, ``dlog_sigma_dt`` and,
+    where a closed form exists, ``t_from_log_snr`` (the default inverts ``log_snr`` by bisection,
+    which is valid because ``lambda`` is strictly decreasing in ``t`` on every Gaussian path that
+    moves from data to noise).
+
+    Attributes ``t_start`` / ``t_end`` are the default ends of a sampling grid and
+    ``default_grid`` the grid kind that suits the schedule (see :func:`adjointflow.grids.timesteps`).
+    """
+
+    t_start: ClassVar[float] = 1.0
+    t_end: ClassVar[float] = 1e-3
+    default_grid: ClassVar[str] = "logsnr"
+    variance_preserving: ClassVar[bool] = False
+
+    # --- primitives -----------------------------------------------------------------------
+    def log_alpha(self, t) -> Tensor:
+        raise NotImplementedError
+
+    def log_sigma(self, t) -> Tensor:
+        raise NotImplementedError
+
+    def dlog_alpha_dt(self, t) -> Tensor:
+        raise NotImplementedError
+
+    def dlog_sigma_dt(self, t) -> Tensor:
+        raise NotImplementedError
+
+    # --- derived --------------------------------------------------------------------------
+    def alpha(self, t) -> Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t) -> Tensor:
+        return torch.exp(self.log_sigma(t))
+
+    def log_snr(self, t) -> Tensor:
+        """Half log-SNR ``lambda(t) = log alpha(t) - log sigma(t)`` (decreasing in t)."""
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def dalpha_dt(self, t) -> Tensor:
+        return self.alpha(t) * self.dlog_alpha_dt(t)
+
+    def dsigma_dt(self, t) -> Tensor:
+        return self.sigma(t) * self.dlog_sigma_dt(t)
+
+    def dlog_snr_dt(self, t) -> Tensor:
+        return self.dlog_alpha_dt(t) - self.dlog_sigma_dt(t)
+
+    def f(self, t) -> Tensor:
+        """Drift coefficient of the forward SDE ``dx = f(t) x dt + g(t) dW``: ``f = d log alpha / dt``."""
+        return self.dlog_alpha_dt(t)
+
+    def g2(self, t) -> Tensor:
+        """Squared diffusion ``g^2 = d sigma^2/dt - 2 f sigma^2 = -2 sigma^2 d lambda/dt``."""
+        return -2.0 * self.sigma(t) ** 2 * self.dlog_snr_dt(t)
+
+    def t_from_log_snr(self, lam) -> Tensor:
+        """Inverse of :meth:`log_snr` (bisection fallback, 100 halvings = float64 exact)."""
+        lam = as_time(lam)
+        lo = torch.zeros_like(lam)
+        hi = torch.ones_like(lam)
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            above = self.log_snr(mid) > lam  # lambda decreasing: the root lies to the right
+            lo = torch.where(above, mid, lo)
+            hi = torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def sigma_tilde(self, t) -> Tensor:
+        """VE/EDM noise level ``sigma/alpha = exp(-lambda)`` (k-diffusion's sigma)."""
+        return torch.exp(-self.log_snr(t))
+
+
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VPLinear(NoiseSchedule):
+    """VP-SDE with linear beta (Song et al. 2021; DDPM's continuous limit).
+
+    ``log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2``, ``sigma = sqrt(1 - alpha^2)``.
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    variance_preserving: ClassVar[bool] = True
+
+    def log_alpha(self, t):
+        t = as_time(t)
+        return -0.25 * (self.beta_max - self.beta_min) * t**2 - 0.5 * self.beta_min * t
+
+    def dlog_alpha_dt(self, t):
+        t = as_time(t)
+        return -0.5 * (self.beta_max - self.beta_min) * t - 0.5 * self.beta_min
+
+    def log_sigma(self, t):
+        return _log_sigma_vp(self.log_alpha(t))
+
+    def dlog_sigma_dt(self, t):
+        # d/dt 0.5 log(1 - alpha^2) = -alpha^2/sigma^2 * dlog_alpha
+        la = self.log_alpha(t)
+        return -torch.exp(2 * la) / (-torch.expm1(2 * la)) * self.dlog_alpha_dt(t)
+
+    def t_from_log_snr(self, lam):
+        c = -_log_alpha_vp_from_lambda(as_time(lam))  # = (b1-b0) t^2/4 + b0 t/2 >= 0
+        b0, b1 = self.beta_min, self.beta_max
+        # root of (b1-b0)/4 t^2 + b0/2 t - c = 0 in the cancellation-free form
+        return 2.0 * c / (0.5 * b0 + torch.sqrt(0.25 * b0**2 + (b1 - b0) * c))
+
+
+@dataclass(frozen=True)
+class VPCosine(NoiseSchedule):
+    """Cosine VP schedule (Nichol & Dhariwal 2021): ``alpha = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s))``.
+
+    ``alpha(1) = 0`` makes ``lambda(1) = -inf``, so grids start at ``t_start = 0.9946`` as in
+    DPM-Solver's reference implementation.
+    """
+
+    s: float = 0.008
+    t_start: ClassVar[float] = 0.9946
+    variance_preserving: ClassVar[bool] = True
+
+    def _theta(self, t):
+        return 0.5 * math.pi * (as_time(t) + self.s) / (1.0 + self.s)
+
+    def log_alpha(self, t):
+        return torch.log(torch.cos(self._theta(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
+
+    def dlog_alpha_dt(self, t):
+        return -torch.tan(self._theta(t)) * 0.5 * math.pi / (1.0 + self.s)
+
+    def log_sigma(self, t):
+        return _log_sigma_vp(self.log_alpha(t))
+
+    def dlog_sigma_dt(self, t):
+        la = self.log_alpha(t)
+        return -torch.exp(2 * la) / (-torch.expm1(2 * la)) * self.dlog_alpha_dt(t)
+
+    def t_from_log_snr(self, lam):
+        la = _log_alpha_vp_from_lambda(as_time(lam))
+        c0 = math.cos(0.5 * math.pi * self.s / (1 + self.s))
+        theta = torch.arccos(torch.exp(la) * c0)
+        return theta * 2.0 * (1.0 + self.s) / math.pi - self.s
+
+
+@dataclass(frozen=True, eq=False)
+class VPDiscrete(NoiseSchedule):
+    """A discrete DDPM table ``alphas_cumprod[k]``, k = 0..N-1 (diffusers), made continuous.
+
+    Timestep ``k`` sits at ``t = (k + 1)/N`` and ``t = 0`` is added with ``alpha = 1`` (clean data);
+    ``log alpha`` is interpolated piecewise-linearly in ``t`` in between (as DPM-Solver does for
+    discrete-time models). The model's own timestep is ``k(t) = N t - 1`` (:meth:`timestep`).
+    """
+
+    alphas_cumprod: Tensor = field(default=None)
+    variance_preserving: ClassVar[bool] = True
+
+    def __post_init__(self):
+        ac = self.alphas_cumprod
+        if ac is None:
+            raise TypeError("VPDiscrete needs alphas_cumprod (a 1-D table of cumulative alpha products)")
+        ac = torch.as_tensor(ac).detach().to(torch.float64).cpu()
+        if ac.ndim != 1 or ac.numel() < 2:
+            raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(ac.shape)}")
+        if not bool(((ac > 0) & (ac < 1)).all()):
+            raise ValueError("alphas_cumprod must lie strictly inside (0, 1)")
+        if not bool((ac[1:] < ac[:-1]).all()):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        n = ac.numel()
+        object.__setattr__(self, "alphas_cumprod", ac)
+        object.__setattr__(self, "_t", torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64))
+        object.__setattr__(self, "_la", torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(ac)]))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    def timestep(self, t) -> Tensor:
+        """The model's (continuous) training timestep for our ``t``: ``k = N t - 1``."""
+        return as_time(t) * self.num_train_timesteps - 1.0
+
+    def _segment(self, t):
+        n = self.num_train_timesteps
+        t = as_time(t)
+        idx = torch.clamp(torch.floor(t * n).long(), 0, n - 1)
+        return t, idx
+
+    def log_alpha(self, t):
+        t, i = self._segment(t)
+        t0, la0, la1 = self._t.to(t.device)[i], self._la.to(t.device)[i], self._la.to(t.device)[i + 1]
+        return la0 + (la1 - la0) * (t - t0) * self.num_train_timesteps
+
+    def dlog_alpha_dt(self, t):
+        t, i = self._segment(t)
+        la = self._la.to(t.device)
+        return (la[i + 1] - la[i]) * self.num_train_timesteps
+
+    def log_sigma(self, t):
+        return _log_sigma_vp(self.log_alpha(t))
+
+    def dlog_sigma_dt(self, t):
+        la = self.log_alpha(t)
+        return -torch.exp(2 * la) / (-torch.expm1(2 * la)) * self.dlog_alpha_dt(t)
+
+    def t_from_log_snr(self, lam):
+        la = _log_alpha_vp_from_lambda(as_time(lam))
+        table = self._la.to(la.device)
+        # table is decreasing; search on its negation (increasing)
+        i = torch.clamp(torch.searchsorted(-table, -la.contiguous()) - 1, 0, self.num_train_timesteps - 1)
+        la0, la1 = table[i], table[i + 1]
+        return (i.to(torch.float64) + (la - la0) / (la1 - la0)) / self.num_train_timesteps
+
+
+@dataclass(frozen=True)
+class VE(NoiseSchedule):
+    """Variance-exploding path (Song et al. 2021): ``alpha = 1``, ``sigma = sigma_min (sigma_max/sigma_min)^t``.
+
+    ``sigma(0) = sigma_min > 0``: the grid's default end is ``t = 0`` (the data end of the path).
+    """
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    t_end: ClassVar[float] = 0.0
+
+    def log_alpha(self, t):
+        return torch.zeros_like(as_time(t))
+
+    def dlog_alpha_dt(self, t):
+        return torch.zeros_like(as_time(t))
+
+    def log_sigma(self, t):
+        return math.log(self.sigma_min) + as_time(t) * math.log(self.sigma_max / self.sigma_min)
+
+    def dlog_sigma_dt(self, t):
+        return torch.full_like(as_time(t), math.log(self.sigma_max / self.sigma_min))
+
+    def t_from_log_snr(self, lam):
+        return (-as_time(lam) - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
+
+
+@dataclass(frozen=True)
+class EDM(NoiseSchedule):
+    """EDM (Karras et al. 2022): ``alpha = 1``, ``sigma(t) = (s_min^(1/rho) + t (s_max^(1/rho) - s_min^(1/rho)))^rho``.
+
+    A uniform grid in ``t`` is exactly the Karras rho-schedule (EDM eq. 5) from ``sigma_max`` to ``sigma_min``.
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    t_end: ClassVar[float] = 0.0
+
+    def _base(self, t):
+        a, b = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        return a + as_time(t) * (b - a), b - a
+
+    def log_alpha(self, t):
+        return torch.zeros_like(as_time(t))
+
+    def dlog_alpha_dt(self, t):
+        return torch.zeros_like(as_time(t))
+
+    def log_sigma(self, t):
+        u, _ = self._base(t)
+        return self.rho * torch.log(u)
+
+    def dlog_sigma_dt(self, t):
+        u, d = self._base(t)
+        return self.rho * d / u
+
+    def t_from_log_snr(self, lam):
+        a, b = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        return (torch.exp(-as_time(lam) / self.rho) - a) / (b - a)
+
+
+@dataclass(frozen=True)
+class LinearFlow(NoiseSchedule):
+    """Rectified flow / conditional-OT flow matching: ``alpha = 1 - t``, ``sigma = t``.
+
+    ``lambda = log((1 - t)/t)``, inverse ``t = 1/(1 + e^lambda)``. ``lambda(1) = -inf``, so the default
+    grid is uniform in ``t`` (flow models are usually sampled that way); log-SNR grids need ``t_start < 1``.
+    """
+
+    default_grid: ClassVar[str] = "uniform"
+
+    def log_alpha(self, t):
+        return torch.log1p(-as_time(t))
+
+    def dlog_alpha_dt(self, t):
+        return -1.0 / (1.0 - as_time(t))
+
+    def log_sigma(self, t):
+        return torch.log(as_time(t))
+
+    def dlog_sigma_dt(self, t):
+        return 1.0 / as_time(t)
+
+    def alpha(self, t):
+        return 1.0 - as_time(t)
+
+    def sigma(self, t):
+        return as_time(t)
+
+    def dalpha_dt(self, t):
+        return torch.full_like(as_time(t), -1.0)
+
+    def dsigma_dt(self, t):
+        return torch.ones_like(as_time(t))
+
+    def t_from_log_snr(self, lam):
+        return torch.sigmoid(-as_time(lam))
