@@ -1,0 +1,145 @@
+"""``Denoiser.from_diffusers``: schedule / prediction / timestep mapping against diffusers itself,
+gradients through a wrapped ``UNet2DModel``, and DPM-Solver++(2M) against diffusers' scheduler."""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import adjointflow as af
+from adjointflow.diffusers_adapter import from_diffusers, schedule_from_diffusers
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UNet2DModel,
+)
+
+N_TRAIN = 1000
+
+
+def tiny_unet(seed=0, dtype=torch.float32):
+    """A randomly initialised 8x8 UNet2DModel (~40k parameters), built offline."""
+    torch.manual_seed(seed)
+    net = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    return net.to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet()
+
+
+@pytest.mark.parametrize("ptype", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("k", [0, 137, 999])
+def test_x0_matches_diffusers_pred_original_sample(unet, ptype, k):
+    """At our t = (k+1)/N the wrapped model sees timestep k and its x0 equals diffusers' Tweedie
+    estimate ``pred_original_sample`` from the same model output (so schedule, prediction type and
+    timestep are all mapped right)."""
+    sch = DDPMScheduler(num_train_timesteps=N_TRAIN, prediction_type=ptype, clip_sample=False)
+    den = af.Denoiser.from_diffusers(unet, sch)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(3, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        ours = den(x, (k + 1) / N_TRAIN).x0
+        out = unet(x, torch.full((3,), k)).sample
+        ref = sch.step(out, k, x, generator=g).pred_original_sample
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert den.prediction == {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[ptype]
+
+
+def test_schedule_is_the_alphas_cumprod_table():
+    for sch in (DDPMScheduler(beta_schedule="scaled_linear"), DDIMScheduler(beta_schedule="squaredcos_cap_v2")):
+        s = schedule_from_diffusers(sch)
+        assert isinstance(s, af.VPDiscrete)
+        k = torch.arange(N_TRAIN, dtype=torch.float64)
+        ac = sch.alphas_cumprod.double()
+        torch.testing.assert_close(s.alpha((k + 1) / N_TRAIN) ** 2, ac, rtol=1e-12, atol=0)
+        torch.testing.assert_close(s.timestep((k + 1) / N_TRAIN), k, rtol=0, atol=1e-9)
+
+
+def test_config_dict_equals_scheduler_object():
+    sch = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    a = schedule_from_diffusers(sch)
+    b = schedule_from_diffusers(dict(sch.config))
+    torch.testing.assert_close(a.alphas_cumprod, b.alphas_cumprod, rtol=0, atol=0)
+
+
+def test_flow_matching_scheduler_maps_to_linear_flow(unet):
+    sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=N_TRAIN, shift=3.0)
+    den = from_diffusers(unet, sch)
+    assert isinstance(den.schedule, af.LinearFlow) and den.prediction == "velocity"
+    x = torch.randn(2, 1, 8, 8)
+    sigma = 0.3
+    with torch.no_grad():
+        out = unet(x, torch.full((2,), sigma * N_TRAIN)).sample
+        # diffusers' flow Euler step: x_next = x + (sigma_next - sigma) * model_output
+        torch.testing.assert_close(den(x, sigma).velocity, out)
+
+
+def test_prediction_override_and_bad_inputs(unet):
+    den = from_diffusers(unet, DDPMScheduler(), prediction="x0")
+    assert den.prediction == "x0"
+    with pytest.raises(ValueError, match="prediction type"):
+        from_diffusers(unet, DDPMScheduler(), prediction="noise")
+    with pytest.raises(TypeError, match="scheduler"):
+        from_diffusers(unet, object())
+    with pytest.raises(TypeError, match="callable"):
+        from_diffusers(42, DDPMScheduler())
+    bad = dict(DDPMScheduler().config)
+    bad["prediction_type"] = "banana"
+    with pytest.raises(ValueError, match="prediction_type"):
+        from_diffusers(unet, bad)
+
+
+def test_clear_import_error_without_diffusers(monkeypatch, unet):
+    sch = DDPMScheduler()
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # makes `import diffusers` raise ImportError
+    with pytest.raises(ImportError, match=r"pip install 'adjointflow\[diffusers\]'"):
+        af.Denoiser.from_diffusers(unet, sch)
+
+
+def _gradient_check(strategy):
+    """d loss / d (latent, UNet weights) through a wrapped UNet under ``strategy`` equals plain backprop."""
+    unet = tiny_unet(seed=1)
+    den = af.Denoiser.from_diffusers(unet, DDPMScheduler(num_train_timesteps=N_TRAIN))
+    grid = af.timesteps(den.schedule, 4, t_start=1.0, t_end=0.02)
+    x1 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    w = unet.conv_out.weight
+    grads = []
+    for gradient in (af.Backprop(), strategy):
+        x = x1.clone().requires_grad_(True)
+        sol = af.solve(den, x, grid, af.Heun(), gradient=gradient)
+        loss = (sol.x**2).mean()
+        gx, gw = torch.autograd.grad(loss, (x, w))
+        assert torch.isfinite(gx).all() and gx.abs().max() > 0 and gw.abs().max() > 0
+        grads.append((gx, gw))
+    (gx0, gw0), (gx1, gw1) = grads
+    torch.testing.assert_close(gx1, gx0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw1, gw0, rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_flow_through_wrapped_unet_backprop():
+    _gradient_check(af.Backprop())
+
+
+def test_gradients_flow_through_wrapped_unet_checkpoint():
+    from adjointflow.adjoint import strategies
+
+    if not hasattr(strategies, "Checkpoint"):
+        pytest.skip("Checkpoint is not built yet (adjointflow.adjoint.strategies)")
+    _gradient_check(strategies.Checkpoint())
