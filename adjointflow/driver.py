@@ -135,7 +135,7 @@ def _check_cond(cond, x: Tensor, name: str = "cond") -> None:
             f"{name} must have the batch size of x ({x.shape[0]}) as its first dimension, got shape {tuple(cond.shape)}"
         )
     if cond.device != x.device:
-        raise ValueError(f"{name} is on {cond.device} but x is on {x.device}")
+        raise ValueError(f"{name} is on device {cond.device} but x is on device {x.device}")
     if cond.is_floating_point() and cond.dtype != x.dtype:
         raise TypeError(f"{name} has dtype {cond.dtype} but x has {x.dtype}; cast one of them")
 

@@ -74,7 +74,7 @@ def timesteps(
             st = (s0 ** (1 / rho) + r * (s1 ** (1 / rho) - s0 ** (1 / rho))) ** rho
             lam = -torch.log(st)
         grid = schedule.t_from_log_snr(lam)
-        grid[0], grid[-1] = t_start, t_end  # the inverse is exact only to rounding
+    grid[0], grid[-1] = t_start, t_end  # maps and inverses are exact only to rounding
     if denoise_to_zero:
         if not 0.0 < t_end < t_start:
             raise ValueError("denoise_to_zero needs a decreasing grid with t_end > 0")

@@ -40,6 +40,11 @@ def _log_sigma_vp(log_alpha: Tensor) -> Tensor:
     return 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
 
 
+def _clamp_log_alpha(la: Tensor) -> Tensor:
+    # a difference of logs can round to +1e-17 at t = 0; alpha <= 1 on a VP path
+    return torch.clamp(la, max=0.0)
+
+
 def _log_alpha_vp_from_lambda(lam: Tensor) -> Tensor:
     # alpha^2 = 1 / (1 + exp(-2 lambda)) for a variance-preserving path.
     return -0.5 * torch.nn.functional.softplus(-2.0 * lam)
@@ -172,7 +177,9 @@ class VPCosine(NoiseSchedule):
         return 0.5 * math.pi * (as_time(t) + self.s) / (1.0 + self.s)
 
     def log_alpha(self, t):
-        return torch.log(torch.cos(self._theta(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
+        return _clamp_log_alpha(
+            torch.log(torch.cos(self._theta(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
+        )
 
     def dlog_alpha_dt(self, t):
         return -torch.tan(self._theta(t)) * 0.5 * math.pi / (1.0 + self.s)
