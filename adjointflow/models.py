@@ -89,9 +89,18 @@ class Prediction:
     t: Tensor
     raw: Tensor
     kind: str
-    coeffs: Coefficients
+    source: "NoiseSchedule | Coefficients"  # a schedule (coefficients computed on demand) or the coefficients
+
+    @cached_property
+    def coeffs(self) -> Coefficients:
+        # lazy: a solver that uses the network's own prediction type needs no coefficients
+        if isinstance(self.source, Coefficients):
+            return self.source
+        return Coefficients.at(self.source, self.t, self.x)
 
     def as_(self, target: str) -> Tensor:
+        if target == self.kind:
+            return self.raw
         return convert(self.raw, self.kind, target, self.x, self.coeffs)
 
     @cached_property
@@ -167,6 +176,8 @@ class Denoiser(nn.Module):
 
     def network_time(self, t, x: Tensor) -> Tensor:
         """The time tensor of shape ``(batch,)`` the network receives for our ``t``."""
+        if self.net_time is None and not self.noise_at_zero and (not isinstance(t, Tensor) or t.ndim == 0):
+            return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)  # hot path: one op
         t = as_time(t)
         tm = 1.0 - t if self.noise_at_zero else t
         tn = self.net_time(tm) if self.net_time is not None else tm
@@ -197,7 +208,7 @@ class Denoiser(nn.Module):
 
     def forward(self, x: Tensor, t, cond=None) -> Prediction:
         t = as_time(t)
-        return Prediction(x, t, self.raw(x, t, cond), self.prediction, Coefficients.at(self.schedule, t, x))
+        return Prediction(x, t, self.raw(x, t, cond), self.prediction, self.schedule)
 
     # convenience single-type accessors (one network call each)
     def eps(self, x, t, cond=None) -> Tensor:
