@@ -1,0 +1,387 @@
+"""Objectives for guidance: measurement operators, measurement losses, and plain callables.
+
+An *objective* is anything callable as ``objective(x0) -> (batch,)`` loss (lower is better), where
+``x0`` has the state's shape ``(batch, *dims)``; a reward ``r`` is used as the loss ``-r``.
+
+Operators map one clean sample to a measurement, ``y = A(x0) + n``. Linear operators provide the
+transpose ``A^T`` (the adjoint for the Euclidean inner product, exact) and a pseudo-inverse ``A^+``
+(used e.g. for D-Flow's blend initialisation). :class:`MeasurementLoss` turns an operator and a
+measurement into the negative log-likelihood of the noise model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Operator",
+    "Inpaint",
+    "Downsample",
+    "GaussianBlur",
+    "FourierMagnitude",
+    "MatrixOperator",
+    "MeasurementLoss",
+]
+
+
+def _check_x(x, name: str = "x") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape (batch, *dims) with at least one sample dimension, got {tuple(x.shape)}")
+
+
+class Operator:
+    """A measurement operator ``A`` acting on batches ``(batch, *dims)``.
+
+    ``A(x)`` returns ``(batch, *out_dims)``. Linear operators implement :meth:`transpose` (``A^T y``)
+    and :meth:`pinv` (``A^+ y``); nonlinear ones raise ``NotImplementedError`` there.
+    """
+
+    linear: ClassVar[bool] = True
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_x(x)
+        self._check_input(x)
+        return self._forward(x)
+
+    def transpose(self, y: Tensor) -> Tensor:
+        """``A^T y`` (adjoint of ``A`` under the Euclidean inner product)."""
+        raise NotImplementedError(f"{type(self).__name__} is nonlinear: it has no transpose")
+
+    def pinv(self, y: Tensor) -> Tensor:
+        """Moore--Penrose pseudo-inverse ``A^+ y``."""
+        raise NotImplementedError(f"{type(self).__name__} is nonlinear: it has no pseudo-inverse")
+
+    # subclasses
+    def _check_input(self, x: Tensor) -> None:
+        pass
+
+    def _forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _spatial(x: Tensor, dims: int, who: str) -> tuple[int, ...]:
+    if x.ndim < 1 + dims:
+        raise ValueError(f"{who} acts on the last {dims} dimension(s) of (batch, ..., *spatial); got shape {tuple(x.shape)}")
+    return tuple(x.shape[-dims:])
+
+
+def _check_dims(dims) -> None:
+    if isinstance(dims, bool) or not isinstance(dims, int) or dims < 1:
+        raise ValueError(f"dims (number of trailing spatial dimensions) must be a positive int, got {dims!r}")
+
+
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Inpaint(Operator):
+    """Inpainting: ``A(x) = m * x`` with a binary ``mask`` (1 = observed).
+
+    ``mask`` has one sample's shape or a shape that broadcasts to it from the right (e.g. ``(H, W)``
+    for ``(C, H, W)`` images). ``A`` is an orthogonal projection, so ``A^T = A^+ = A``. The
+    measurement keeps the image's shape (zeros where unobserved).
+    """
+
+    mask: Tensor = None
+
+    def __post_init__(self):
+        m = self.mask
+        if m is None:
+            raise TypeError("Inpaint needs a mask tensor (1 = observed, 0 = missing)")
+        if not isinstance(m, Tensor):
+            m = torch.as_tensor(m)
+        if m.ndim == 0:
+            raise ValueError("mask must have at least one dimension (one sample's shape)")
+        mf = m.to(torch.float64)
+        if not bool(((mf == 0) | (mf == 1)).all()):
+            raise ValueError("mask must be binary (0 = missing, 1 = observed)")
+        object.__setattr__(self, "mask", mf)
+
+    def _check_input(self, x):
+        sample = tuple(x.shape[1:])
+        try:
+            fits = self.mask.ndim <= len(sample) and torch.broadcast_shapes(self.mask.shape, sample) == sample
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"mask of shape {tuple(self.mask.shape)} does not fit samples of shape {sample}; "
+                "give the mask one sample's shape (or trailing dimensions of it)"
+            )
+
+    def _m(self, x):
+        return self.mask.to(dtype=x.dtype, device=x.device)
+
+    def _forward(self, x):
+        return self._m(x) * x
+
+    def transpose(self, y):
+        _check_x(y, "y")
+        self._check_input(y)
+        return self._m(y) * y
+
+    pinv = transpose
+
+
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Downsample(Operator):
+    """Super-resolution: average pooling by ``factor`` over the last ``dims`` dimensions.
+
+    ``A(x)_k = f^{-dims} sum_{j in block k} x_j``. ``A A^T = f^{-dims} I``, so ``A^T y`` spreads each
+    value evenly over its block and ``A^+ y = f^dims A^T y`` is nearest-neighbour upsampling.
+    """
+
+    factor: int = 2
+    dims: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 1:
+            raise ValueError(f"factor must be a positive int, got {self.factor!r}")
+        _check_dims(self.dims)
+
+    def _check_input(self, x):
+        sp = _spatial(x, self.dims, "Downsample")
+        if any(s % self.factor for s in sp):
+            raise ValueError(f"Downsample(factor={self.factor}) needs spatial sizes divisible by {self.factor}, got {sp}")
+
+    def _forward(self, x):
+        f, d = self.factor, self.dims
+        lead = x.shape[:-d]
+        shape = list(lead)
+        for s in x.shape[-d:]:
+            shape += [s // f, f]
+        xb = x.reshape(shape)
+        return xb.mean(dim=tuple(len(lead) + 2 * k + 1 for k in range(d)))
+
+    def transpose(self, y):
+        _check_x(y, "y")
+        _spatial(y, self.dims, "Downsample.transpose")
+        out = y
+        for k in range(self.dims):
+            out = out.repeat_interleave(self.factor, dim=y.ndim - self.dims + k)
+        return out / self.factor**self.dims
+
+    def pinv(self, y):
+        return self.transpose(y) * self.factor**self.dims
+
+
+# ------------------------------------------------------------------------------------------
+def _gauss_1d(sigma: float, size: int, n: int, dtype, device) -> Tensor:
+    r = size // 2
+    k = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (k / sigma) ** 2)
+    g = g / g.sum()
+    full = torch.zeros(n, dtype=torch.float64)
+    full.index_add_(0, k.long() % n, g)  # centred at index 0: circular convolution without a shift
+    return torch.fft.fft(full).real.to(dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class GaussianBlur(Operator):
+    """Gaussian deblurring: circular convolution with a normalised ``size``-tap Gaussian of std ``sigma``
+    (in pixels) over the last ``dims`` dimensions, computed exactly with the FFT.
+
+    ``A = F^{-1} diag(K) F`` with ``K`` the (real: the kernel is symmetric) transfer function, so
+    ``A^T = A`` and ``A^+ = F^{-1} diag(K^+) F`` with ``K^+ = 1/K`` where ``|K| > rcond max|K|``
+    and 0 elsewhere (the truncated pseudo-inverse, as ``numpy.linalg.pinv(rcond)``). Circular
+    boundaries keep ``A^T`` and ``A^+`` exact (DPS's code uses reflect padding instead).
+    """
+
+    sigma: float = 3.0
+    size: int = 61
+    dims: int = 2
+    rcond: float = 1e-3
+
+    def __post_init__(self):
+        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma must be a positive number of pixels, got {self.sigma!r}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1 or self.size % 2 == 0:
+            raise ValueError(f"size must be a positive odd int, got {self.size!r}")
+        _check_dims(self.dims)
+        if not (0 <= self.rcond < 1):
+            raise ValueError(f"rcond must be in [0, 1), got {self.rcond!r}")
+
+    def _check_input(self, x):
+        sp = _spatial(x, self.dims, "GaussianBlur")
+        if any(s < self.size for s in sp):
+            raise ValueError(f"GaussianBlur(size={self.size}) needs spatial sizes >= {self.size}, got {sp}")
+
+    def transfer(self, spatial: tuple[int, ...], dtype=torch.float64, device=None) -> Tensor:
+        """The transfer function ``K`` on the FFT grid of ``spatial`` (real, separable)."""
+        K = None
+        for k, n in enumerate(spatial):
+            g = _gauss_1d(float(self.sigma), self.size, n, dtype, device)
+            g = g.reshape([-1 if j == k else 1 for j in range(len(spatial))])
+            K = g if K is None else K * g
+        return K
+
+    def _apply(self, x, K):
+        d = tuple(range(x.ndim - self.dims, x.ndim))
+        return torch.fft.ifftn(torch.fft.fftn(x, dim=d) * K, dim=d).real
+
+    def _forward(self, x):
+        return self._apply(x, self.transfer(tuple(x.shape[-self.dims:]), x.dtype, x.device))
+
+    def transpose(self, y):
+        _check_x(y, "y")
+        return self(y)
+
+    def pinv(self, y):
+        _check_x(y, "y")
+        self._check_input(y)
+        K = self.transfer(tuple(y.shape[-self.dims:]), y.dtype, y.device)
+        keep = K.abs() > self.rcond * K.abs().max()
+        Kp = torch.where(keep, 1.0 / torch.where(keep, K, torch.ones_like(K)), torch.zeros_like(K))
+        return self._apply(y, Kp)
+
+
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FourierMagnitude(Operator):
+    """Phase retrieval: ``A(x) = |F(P x)|``, the magnitude of the orthonormal DFT of ``x`` zero-padded
+    to ``ceil(oversample * n)`` per spatial dimension (Fienup 1982; DPS's nonlinear task, which uses
+    oversampling 2). Nonlinear: no transpose or pseudo-inverse. The orthonormal DFT keeps
+    ``||A(x)|| = ||x||`` (Parseval). At ``F(P x) = 0`` the gradient of ``|.|`` is taken as 0.
+    """
+
+    oversample: float = 2.0
+    dims: int = 2
+    linear: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if not (isinstance(self.oversample, (int, float)) and math.isfinite(self.oversample) and self.oversample >= 1):
+            raise ValueError(f"oversample must be a number >= 1, got {self.oversample!r}")
+        _check_dims(self.dims)
+
+    def _check_input(self, x):
+        _spatial(x, self.dims, "FourierMagnitude")
+
+    def _forward(self, x):
+        d = tuple(range(x.ndim - self.dims, x.ndim))
+        s = [math.ceil(self.oversample * n) for n in x.shape[-self.dims:]]
+        return torch.fft.fftn(x, s=s, dim=d, norm="ortho").abs()
+
+
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class MatrixOperator(Operator):
+    """A dense linear operator ``A(x) = M vec(x)`` for samples of shape ``input_shape``
+    (default ``(n,)`` with ``n = M.shape[1]``); the measurement has shape ``(batch, m)``.
+    ``A^T y = M^T y`` reshaped to ``input_shape``; ``A^+ = pinv(M)`` (SVD)."""
+
+    matrix: Tensor = None
+    input_shape: tuple | None = None
+    _pinv: Tensor = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        M = self.matrix
+        if M is None:
+            raise TypeError("MatrixOperator needs a 2-D matrix")
+        M = torch.as_tensor(M)
+        if M.ndim != 2 or not M.is_floating_point():
+            raise ValueError(f"matrix must be a 2-D floating tensor, got shape {tuple(M.shape)}, dtype {M.dtype}")
+        shape = (M.shape[1],) if self.input_shape is None else tuple(int(s) for s in self.input_shape)
+        if math.prod(shape) != M.shape[1]:
+            raise ValueError(f"input_shape {shape} has {math.prod(shape)} entries but the matrix has {M.shape[1]} columns")
+        object.__setattr__(self, "matrix", M)
+        object.__setattr__(self, "input_shape", shape)
+        object.__setattr__(self, "_pinv", torch.linalg.pinv(M.to(torch.float64)))
+
+    def _check_input(self, x):
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"MatrixOperator expects samples of shape {self.input_shape}, got {tuple(x.shape[1:])}")
+
+    def _forward(self, x):
+        return x.reshape(x.shape[0], -1) @ self.matrix.to(dtype=x.dtype, device=x.device).T
+
+    def _check_y(self, y):
+        _check_x(y, "y")
+        if tuple(y.shape[1:]) != (self.matrix.shape[0],):
+            raise ValueError(f"MatrixOperator measurements have shape (batch, {self.matrix.shape[0]}), got {tuple(y.shape)}")
+
+    def transpose(self, y):
+        self._check_y(y)
+        return (y @ self.matrix.to(dtype=y.dtype, device=y.device)).reshape(y.shape[0], *self.input_shape)
+
+    def pinv(self, y):
+        self._check_y(y)
+        return (y @ self._pinv.to(dtype=y.dtype, device=y.device).T).reshape(y.shape[0], *self.input_shape)
+
+
+# ------------------------------------------------------------------------------------------
+NOISE_MODELS = ("gaussian", "poisson")
+
+
+class MeasurementLoss:
+    """Negative log-likelihood of ``y`` given ``x0`` (up to a constant), per sample:
+
+    * ``noise="gaussian"``: ``y = A(x0) + sigma n``, ``L = ||y - A(x0)||^2 / (2 sigma^2)``.
+    * ``noise="poisson"``: ``y = sigma Poisson(A(x0)/sigma)`` (``sigma`` = one count, e.g. 1/255),
+      with the heteroscedastic Gaussian surrogate DPS uses for Poisson noise (Chung et al. 2023,
+      Sec. 3.2, ``||y - A x||^2_Lambda``): ``Var[y_j] ~ sigma max(y_j, sigma)``, so
+      ``L = sum_j (y_j - A(x0)_j)^2 / (2 sigma max(y_j, sigma))``. Needs ``y >= 0``.
+
+    ``y`` has the operator's output shape, either per sample ``(batch, *out)`` or shared ``(*out)``.
+    :meth:`residual_norm` is the noise-weighted residual norm in measurement units
+    (``||y - A(x0)||`` for Gaussian noise), the quantity DPS's step-size rule normalises by.
+    """
+
+    def __init__(self, operator: Operator, y: Tensor, sigma: float, noise: str = "gaussian"):
+        if not isinstance(operator, Operator):
+            if isinstance(operator, type) and issubclass(operator, Operator):
+                raise TypeError(f"operator must be an instance, e.g. {operator.__name__}(...), not the class")
+            raise TypeError(f"operator must be an adjointflow.guidance Operator, got {type(operator).__name__}")
+        if not isinstance(y, Tensor) or not y.is_floating_point():
+            raise TypeError(f"y must be a floating-point tensor, got {type(y).__name__}")
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError("y contains NaN/Inf")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        if noise not in NOISE_MODELS:
+            raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
+        if noise == "poisson" and bool((y < 0).any()):
+            raise ValueError("Poisson measurements must be non-negative")
+        self.operator, self.y, self.sigma, self.noise = operator, y, float(sigma), noise
+
+    def __repr__(self):
+        return f"MeasurementLoss({self.operator!r}, y.shape={tuple(self.y.shape)}, sigma={self.sigma}, noise={self.noise!r})"
+
+    def _y_like(self, ax: Tensor) -> Tensor:
+        y = self.y.to(dtype=ax.dtype, device=ax.device)
+        if tuple(y.shape) == tuple(ax.shape):
+            return y
+        if tuple(y.shape) == tuple(ax.shape[1:]):
+            return y.expand_as(ax)
+        raise ValueError(
+            f"measurement y has shape {tuple(self.y.shape)} but {type(self.operator).__name__} maps these samples to "
+            f"shape {tuple(ax.shape)} (per sample {tuple(ax.shape[1:])}); give y shape (batch, *out) or (*out)"
+        )
+
+    def residual(self, x0: Tensor) -> Tensor:
+        """``y - A(x0)``."""
+        ax = self.operator(x0)
+        return self._y_like(ax) - ax
+
+    def _weights(self, y: Tensor) -> Tensor | float:
+        if self.noise == "gaussian":
+            return 1.0 / self.sigma**2
+        return 1.0 / (self.sigma * torch.clamp(y, min=self.sigma))
+
+    def __call__(self, x0: Tensor) -> Tensor:
+        ax = self.operator(x0)
+        y = self._y_like(ax)
+        r = y - ax
+        return 0.5 * (self._weights(y) * r * r).reshape(r.shape[0], -1).sum(1)
+
+    def residual_norm(self, x0: Tensor) -> Tensor:
+        """``sigma sqrt(2 L(x0))``: ``||y - A(x0)||`` for Gaussian noise, its noise-weighted
+        analogue for Poisson. Its gradient is taken as 0 where the residual vanishes."""
+        L = self(x0)
+        return self.sigma * torch.sqrt(2.0 * L.clamp_min(torch.finfo(L.dtype).tiny))
