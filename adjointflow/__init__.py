@@ -12,6 +12,7 @@ from .models import ClassifierFreeGuidance, Denoiser, Prediction
 from .noise import BrownianNoise
 from .schedules import EDM, VE, LinearFlow, NoiseSchedule, VPCosine, VPDiscrete, VPLinear
 from .solvers import Euler, EulerMaruyama, Heun, Solver, State
+from .solvers import DDIM, DEIS, DPMSolverPP, SDEDPMSolverPP
 
 __version__ = "0.1.0"
 
@@ -21,3 +22,4 @@ __all__ = [
     "NoiseSchedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "LinearFlow",
     "Solver", "State", "Euler", "Heun", "EulerMaruyama", "Backprop",
 ]
+__all__ += ["DDIM", "DEIS", "DPMSolverPP", "SDEDPMSolverPP"]

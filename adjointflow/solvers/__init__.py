@@ -2,6 +2,11 @@
 from .base import Solver, State
 from .euler import Euler
 from .heun import Heun
-from .sde import EulerMaruyama
+from .sde import EulerMaruyama, SDEDPMSolverPP
+from .exponential import ExponentialIntegrator
+from .ddim import DDIM
+from .dpm_solver import DPMSolverPP
+from .deis import DEIS
 
 __all__ = ["Solver", "State", "Euler", "Heun", "EulerMaruyama"]
+__all__ += ["ExponentialIntegrator", "DDIM", "DPMSolverPP", "DEIS", "SDEDPMSolverPP"]
