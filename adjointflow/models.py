@@ -176,7 +176,8 @@ class Denoiser(nn.Module):
 
     def network_time(self, t, x: Tensor) -> Tensor:
         """The time tensor of shape ``(batch,)`` the network receives for our ``t``."""
-        if self.net_time is None and not self.noise_at_zero and (not isinstance(t, Tensor) or t.ndim == 0):
+        # the one-op hot path goes through float(t), so only when no gradient w.r.t. t is wanted
+        if self.net_time is None and not self.noise_at_zero and (not isinstance(t, Tensor) or (t.ndim == 0 and not t.requires_grad)):
             return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)  # hot path: one op
         t = as_time(t)
         tm = 1.0 - t if self.noise_at_zero else t
