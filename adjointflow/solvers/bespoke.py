@@ -1,0 +1,345 @@
+"""Bespoke solvers (Shaul et al., "Bespoke Solvers for Generative Flow Models", ICLR 2024).
+
+A bespoke solver is a base Runge--Kutta method (RK1 = Euler, RK2 = explicit midpoint) applied to a
+*scale-time transformed* sampling path ``xbar(r) = s_r x(t_r)``, ``r in [0, 1]``, whose ODE is
+
+    dxbar/dr = ubar_r(xbar) = (sdot_r / s_r) xbar + tdot_r s_r u(xbar / s_r, t_r),
+
+with ``u = dx/dt`` the model's PF-ODE drift. One base step of size ``h = 1/n`` in ``r``, mapped back to
+``x``, is (paper Eqs. 17/19/20; ``i+1/2`` marks the midpoint stage):
+
+* RK1: ``x_{i+1} = (s_i + h sdot_i)/s_{i+1} x_i + h tdot_i s_i / s_{i+1} u(x_i, t_i)``
+* RK2: ``z = (s_i + h sdot_i/2) x_i + h/2 tdot_i s_i u(x_i, t_i)``  (``xbar`` at ``r_{i+1/2}``),
+  ``x_{i+1} = s_i/s_{i+1} x_i + h/s_{i+1} [sdot_m/s_m z + tdot_m s_m u(z/s_m, t_m)]``, ``m = i+1/2``.
+
+The learned quantities are ``t_i``, ``tdot_i``, ``s_i``, ``sdot_i`` (plus the midpoint ones for RK2):
+``4n - 1`` (RK1) or ``8n - 1`` (RK2) numbers. For every smooth transform the solver keeps the order of
+its base method (the paper's consistency theorem), so it converges to the exact ODE as ``n`` grows.
+
+**Our time convention.** The paper's time runs noise (0) to data (1); ours runs from the grid's
+``t_start`` to its ``t_end`` (sampling: ``1 -> t_end``, noise to data). The transform is learned on a
+normalised time ``phi in [0, 1]``, increasing, mapped to ours by ``t = t_start + (t_end - t_start) phi``,
+so ``tdot = (t_end - t_start) phi'(r)`` is negative when sampling; ``phi`` plays the paper's ``t_r``.
+
+**Parameterisation** (all float64, identity = all zeros, constraints hold by construction):
+
+* ``phi`` increments ``phi_{i+1} - phi_i = softmax([0, theta_t])_i`` (t strictly monotone, ends fixed);
+* ``h tdot_i = (t_{i+1} - t_i) exp(kappa_i)`` (``tdot`` has the sign of the step; the secant slope
+  times a positive factor, so the identity gives Euler's ``t_{i+1} - t_i`` to the last bit);
+* ``s_i = exp(log_s_i)`` for ``i = 1..n`` and ``s_0 = 1`` (a global scale of ``s`` is redundant);
+* ``sdot_i`` free; RK2 midpoint time ``t_m = t_i + sigmoid(theta_m)(t_{i+1} - t_i)``, and
+  ``h tdot_m``, ``s_m``, ``sdot_m`` as above.
+
+**The grid in** ``solve``. The solver's own times live inside the interval ``[grid[0], grid[-1]]``; pass
+``grid = solver.timesteps(t_start, t_end)`` (``n_steps + 1`` points). ``solve`` refuses a grid with another
+number of points, one whose interior differs from the learned times (so that ``Solution.grid``,
+callbacks and error messages name the times the model was really evaluated at) and, for a trained
+solver, one whose ends differ from the interval it was trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .base import Solver, State
+
+__all__ = ["BespokeSolver", "model_fingerprint"]
+
+_BASES = ("rk1", "rk2")
+_FORMAT = "adjointflow.BespokeSolver"
+_VERSION = 1
+# interior grid points must match the learned times to this fraction of the interval length
+_GRID_RTOL = 1e-9
+
+
+def model_fingerprint(denoiser) -> str:
+    """A short SHA-256 of what determines a denoiser's drift: the network class, the schedule (its
+    repr, i.e. its type and parameters), the prediction type, the time convention, and every tensor
+    in ``denoiser.state_dict()`` (names, dtypes, shapes and values). A plain-function network has no
+    state to hash, so only its qualified name enters."""
+    from ..models import Denoiser
+
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"denoiser must be an adjointflow.Denoiser, got {type(denoiser).__name__}")
+    h = hashlib.sha256()
+    net = denoiser.net
+    parts = [
+        type(net).__module__ + "." + type(net).__qualname__,
+        getattr(net, "__qualname__", "") if not isinstance(net, nn.Module) else "",
+        repr(denoiser.schedule),
+        denoiser.prediction,
+        str(denoiser.noise_at_zero),
+        getattr(denoiser.net_time, "__qualname__", repr(denoiser.net_time)),
+    ]
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    for name, v in sorted(denoiser.state_dict().items()):
+        v = v.detach().cpu().contiguous()
+        h.update(f"{name}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class BespokeSolver(nn.Module, Solver):
+    """Learned scale-time RK1/RK2 solver (Shaul et al. 2024); an ``nn.Module`` and a :class:`Solver`.
+
+    ``BespokeSolver(n_steps, base="rk1" | "rk2")`` starts at the identity transform, where it is
+    Euler (RK1) or the explicit midpoint method (RK2) on ``timesteps(t_start, t_end)`` (uniform), bit
+    for bit. Train it with :func:`~adjointflow.solvers.bespoke_train.fit_bespoke`; sample with
+    ``solve(denoiser, x, solver.timesteps(), solver)``; persist with :meth:`save` / :meth:`load`.
+
+    It subclasses ``nn.Module`` first (parameters, ``state_dict``, devices) and the frozen
+    :class:`Solver` dataclass second (so ``isinstance(s, Solver)`` holds and the driver's protocol is
+    inherited). ``Solver`` has no dataclass fields, so its frozen ``__setattr__`` lets subclasses set
+    attributes; its field-based ``__eq__``/``__hash__`` would make every instance equal, so identity
+    semantics are restored here, as for any module.
+    """
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __init__(self, n_steps: int, base: str = "rk1"):
+        nn.Module.__init__(self)
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+            raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+        if base not in _BASES:
+            raise ValueError(f"base must be one of {_BASES}, got {base!r}")
+        self.n_steps = n_steps
+        self.base = base
+        n, z = n_steps, lambda k: nn.Parameter(torch.zeros(k, dtype=torch.float64))
+        self.theta_t = z(n - 1)  # log phi-increments relative to the first one
+        self.kappa = z(n)  # log(h tdot_i / (t_{i+1} - t_i))
+        self.log_s = z(n)  # log s_1 .. log s_n
+        self.sdot = z(n)  # ds/dr at r_i
+        if base == "rk2":
+            self.theta_mid = z(n)  # logit of (t_m - t_i)/(t_{i+1} - t_i)
+            self.kappa_mid = z(n)
+            self.log_s_mid = z(n)
+            self.sdot_mid = z(n)
+        # the (t_start, t_end) it was trained on; NaN until fit_bespoke sets it
+        self.register_buffer("interval", torch.full((2,), math.nan, dtype=torch.float64))
+        #: fingerprint of the model it was trained for (set by fit_bespoke / load; saved with it)
+        self.model_fingerprint: str | None = None
+
+    # --- Solver protocol ---------------------------------------------------------------------
+    @property
+    def order(self) -> int:  # type: ignore[override]
+        return 1 if self.base == "rk1" else 2
+
+    @property
+    def nfe_per_step(self) -> int:  # type: ignore[override]
+        return 1 if self.base == "rk1" else 2
+
+    def extra_repr(self) -> str:
+        iv = "untrained" if not self.trained else f"trained on [{self.interval[0]:.6g}, {self.interval[1]:.6g}]"
+        return f"n_steps={self.n_steps}, base={self.base!r}, {iv}"
+
+    @property
+    def trained(self) -> bool:
+        """Whether :func:`fit_bespoke` (or a load) has tied this solver to an interval."""
+        return bool(torch.isfinite(self.interval).all())
+
+    def init(self, model, x: Tensor, grid: Tensor) -> State:
+        self._check_grid(grid)
+        return State(x)
+
+    def step(self, model, state: State, grid: Tensor, i: int, noise=None) -> State:
+        # Forward values are the grid's own times (equal to the learned ones, checked), gradients
+        # reach the learned times: t = grid + (t_learned - sg(t_learned)).
+        learned = self._times(grid[0], grid[-1])
+        self._check_grid(grid, learned)
+        c = self.coefficients(grid[0], grid[-1], times=grid.to(learned) + (learned - learned.detach()))
+        return State(self.advance(model, state.x, i, c))
+
+    # --- the transform -----------------------------------------------------------------------
+    def _phi(self) -> Tensor:
+        """Normalised node times ``phi_0 = 0 < phi_1 < ... < phi_n = 1``."""
+        d = torch.softmax(torch.cat([self.theta_t.new_zeros(1), self.theta_t]), 0)
+        one = self.theta_t.new_ones(1)
+        return torch.cat([self.theta_t.new_zeros(1), torch.cumsum(d, 0)[:-1], one])
+
+    def _times(self, t_start, t_end) -> Tensor:
+        t0, t1 = (torch.as_tensor(v, dtype=torch.float64, device=self.theta_t.device) for v in (t_start, t_end))
+        t = t0 + (t1 - t0) * self._phi()
+        # the ends are the interval's exactly (no rounding in t0 + (t1 - t0))
+        return torch.cat([t0.reshape(1).detach(), t[1:-1], t1.reshape(1).detach()])
+
+    def timesteps(self, t_start: float | None = None, t_end: float | None = None) -> Tensor:
+        """The solver's ``n_steps + 1`` node times from ``t_start`` to ``t_end`` (float64, detached):
+        the grid to pass to ``solve``. Defaults to the trained interval."""
+        if t_start is None or t_end is None:
+            if not self.trained:
+                raise ValueError("this BespokeSolver is untrained: give t_start and t_end, e.g. solver.timesteps(1.0, 1e-3)")
+            t_start = float(self.interval[0]) if t_start is None else t_start
+            t_end = float(self.interval[1]) if t_end is None else t_end
+        t_start, t_end = float(t_start), float(t_end)
+        for name, v in (("t_start", t_start), ("t_end", t_end)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}={v} is outside [0, 1]")
+        if t_start == t_end:
+            raise ValueError("t_start and t_end must differ")
+        return self._times(t_start, t_end).detach().cpu()
+
+    def coefficients(self, t_start, t_end, times: Tensor | None = None) -> dict:
+        """Per-step float64 quantities of the transform on ``[t_start, t_end]`` (differentiable):
+
+        ``t`` (n+1 node times), ``dt = h tdot_i``, ``s`` (n+1, ``s_0 = 1``), ``hsdot = h sdot_i``; for
+        RK2 also ``t_mid``, ``dt_mid``, ``s_mid``, ``hsdot_mid``. ``times`` overrides the node times
+        (used to evaluate at a given grid, or at straight-through times during training).
+        """
+        h = 1.0 / self.n_steps
+        t = self._times(t_start, t_end) if times is None else times
+        dtn = t[1:] - t[:-1]
+        one = self.log_s.new_ones(1)
+        c = {
+            "t": t,
+            "dt": dtn * torch.exp(self.kappa),
+            "s": torch.cat([one, torch.exp(self.log_s)]),
+            "hsdot": h * self.sdot,
+        }
+        if self.base == "rk2":
+            c["t_mid"] = t[:-1] + torch.sigmoid(self.theta_mid) * dtn
+            c["dt_mid"] = dtn * torch.exp(self.kappa_mid)
+            c["s_mid"] = torch.exp(self.log_s_mid)
+            c["hsdot_mid"] = h * self.sdot_mid
+        return c
+
+    def advance(self, model, x: Tensor, i: int, c: dict) -> Tensor:
+        """One bespoke step ``x_i -> x_{i+1}`` with coefficients ``c`` from :meth:`coefficients`."""
+        cast = lambda v: v.to(dtype=x.dtype, device=x.device)
+        t, dt, s, hsd = c["t"], c["dt"], c["s"], c["hsdot"]
+        u = model(x, t[i]).velocity
+        if self.base == "rk1":
+            a = (s[i] + hsd[i]) / s[i + 1]
+            b = dt[i] * s[i] / s[i + 1]
+            return cast(a) * x + cast(b) * u
+        sm, hsdm = c["s_mid"][i], c["hsdot_mid"][i]
+        z = cast(s[i] + 0.5 * hsd[i]) * x + cast(0.5 * dt[i] * s[i]) * u
+        u_m = model(z / cast(sm), c["t_mid"][i]).velocity
+        return cast(s[i] / s[i + 1]) * x + cast(hsdm / (sm * s[i + 1])) * z + cast(c["dt_mid"][i] * sm / s[i + 1]) * u_m
+
+    def lipschitz(self, c: dict, lip_u: float = 1.0) -> Tensor:
+        """Per-step Lipschitz bounds ``L_i`` of the step map in ``x`` given ``Lip(u) <= lip_u``
+        (paper Sec. 3.3): RK1 ``L_i = s_i/s_{i+1} (1 + h Lbar_i)``, RK2
+        ``L_i = s_i/s_{i+1} (1 + h Lbar_m (1 + h Lbar_i / 2))``, ``h Lbar = h|sdot|/s + |h tdot| lip_u``."""
+        s = c["s"]
+        hl = c["hsdot"].abs() / s[:-1] + c["dt"].abs() * lip_u
+        if self.base == "rk1":
+            return s[:-1] / s[1:] * (1.0 + hl)
+        hl_m = c["hsdot_mid"].abs() / c["s_mid"] + c["dt_mid"].abs() * lip_u
+        return s[:-1] / s[1:] * (1.0 + hl_m * (1.0 + 0.5 * hl))
+
+    # --- checks ------------------------------------------------------------------------------
+    def _check_grid(self, grid: Tensor, learned: Tensor | None = None) -> None:
+        n = self.n_steps
+        if grid.ndim != 1 or len(grid) != n + 1:
+            raise ValueError(
+                f"BespokeSolver(n_steps={n}) takes a grid of exactly {n + 1} points, got {len(grid)}; "
+                f"pass grid=solver.timesteps(t_start, t_end)"
+            )
+        t0, t1 = float(grid[0]), float(grid[-1])
+        if self.trained:
+            i0, i1 = float(self.interval[0]), float(self.interval[1])
+            if abs(t0 - i0) > 1e-12 or abs(t1 - i1) > 1e-12:
+                raise ValueError(
+                    f"this BespokeSolver was trained on the interval t={i0:.6g} -> {i1:.6g}, but the grid runs "
+                    f"{t0:.6g} -> {t1:.6g}; pass grid=solver.timesteps() (or retrain for the new interval)"
+                )
+        learned = self._times(t0, t1) if learned is None else learned
+        err = float((grid.to(learned) - learned.detach()).abs().max())
+        if err > _GRID_RTOL * abs(t1 - t0):
+            raise ValueError(
+                f"the grid's interior times differ from this BespokeSolver's learned times by up to {err:.3g}; "
+                f"pass grid=solver.timesteps({t0:.6g}, {t1:.6g})"
+            )
+
+    # --- construction from a known transform ---------------------------------------------------
+    @classmethod
+    def from_transform(cls, n_steps: int, base: str, phi: Callable, dphi: Callable, s: Callable, ds: Callable):
+        """The bespoke solver of a given smooth transform: ``phi(r)`` (normalised time, increasing,
+        ``phi(0) = 0``, ``phi(1) = 1``), its derivative ``dphi``, the scale ``s(r) > 0`` with ``s(0) = 1``
+        and ``ds``; each maps a float64 tensor of ``r`` values to a tensor. Sets
+        ``t_i = phi(i/n)``, ``tdot_i = phi'(i/n)``, ``s_i``, ``sdot_i`` (and the values at ``r_{i+1/2}``)."""
+        solver = cls(n_steps, base)
+        n, h = n_steps, 1.0 / n_steps
+        r = torch.arange(n + 1, dtype=torch.float64) * h
+        rm = (torch.arange(n, dtype=torch.float64) + 0.5) * h
+        f = lambda fn, x: torch.as_tensor(fn(x), dtype=torch.float64).expand_as(x)
+        p = f(phi, r)
+        if abs(float(p[0])) > 1e-12 or abs(float(p[-1]) - 1.0) > 1e-12:
+            raise ValueError("phi must satisfy phi(0) = 0 and phi(1) = 1")
+        if abs(float(f(s, r[:1])[0]) - 1.0) > 1e-12:
+            raise ValueError("s must satisfy s(0) = 1")
+        d = p[1:] - p[:-1]
+        if bool((d <= 0).any()) or bool((f(dphi, r[:-1]) <= 0).any()) or bool((f(dphi, rm) <= 0).any()):
+            raise ValueError("phi must be strictly increasing with a positive derivative")
+        if bool((f(s, r) <= 0).any()) or bool((f(s, rm) <= 0).any()):
+            raise ValueError("s must be positive")
+        with torch.no_grad():
+            solver.theta_t.copy_(torch.log(d[1:]) - torch.log(d[0]))
+            solver.kappa.copy_(torch.log(h * f(dphi, r[:-1]) / d))
+            solver.log_s.copy_(torch.log(f(s, r[1:])))
+            solver.sdot.copy_(f(ds, r[:-1]))
+            if base == "rk2":
+                rho = (f(phi, rm) - p[:-1]) / d
+                if bool((rho <= 0).any()) or bool((rho >= 1).any()):
+                    raise ValueError("phi(r_{i+1/2}) must lie strictly between phi(r_i) and phi(r_{i+1})")
+                solver.theta_mid.copy_(torch.log(rho) - torch.log1p(-rho))
+                solver.kappa_mid.copy_(torch.log(h * f(dphi, rm) / d))
+                solver.log_s_mid.copy_(torch.log(f(s, rm)))
+                solver.sdot_mid.copy_(f(ds, rm))
+        return solver
+
+    # --- persistence -------------------------------------------------------------------------
+    def save(self, path, denoiser=None, fingerprint: str | None = None) -> None:
+        """Write the parameters with the metadata :meth:`load` checks: format version, ``n_steps``,
+        ``base``, the trained interval and the fingerprint of the model it was trained for (taken
+        from ``denoiser``, else from ``fingerprint``, else the one :func:`fit_bespoke` recorded)."""
+        fp = model_fingerprint(denoiser) if denoiser is not None else fingerprint
+        fp = fp if fp is not None else self.model_fingerprint
+        if fp is None:
+            raise ValueError("unknown model: pass the denoiser this solver was trained for, save(path, denoiser)")
+        torch.save(
+            {
+                "format": _FORMAT,
+                "version": _VERSION,
+                "n_steps": self.n_steps,
+                "base": self.base,
+                "model_fingerprint": fp,
+                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            },
+            os.fspath(path),
+        )
+
+    @classmethod
+    def load(cls, path, *, denoiser, n_steps: int | None = None, base: str | None = None) -> "BespokeSolver":
+        """Load a solver saved by :meth:`save` for ``denoiser``. Raises ``ValueError`` if the file was
+        trained for a different model (fingerprint), or for another ``n_steps``/``base`` than asked."""
+        blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a saved BespokeSolver")
+        if blob.get("version") != _VERSION:
+            raise ValueError(f"{path} has BespokeSolver format version {blob.get('version')}, expected {_VERSION}")
+        if n_steps is not None and n_steps != blob["n_steps"]:
+            raise ValueError(
+                f"{path} holds a BespokeSolver trained for n_steps={blob['n_steps']}, but n_steps={n_steps} was "
+                f"requested; a bespoke solver's learned times are specific to its step count, so retrain"
+            )
+        if base is not None and base != blob["base"]:
+            raise ValueError(f"{path} holds a base={blob['base']!r} BespokeSolver, but base={base!r} was requested")
+        fp = model_fingerprint(denoiser)
+        if fp != blob["model_fingerprint"]:
+            raise ValueError(
+                f"{path} was trained for a different model (fingerprint {blob['model_fingerprint']}, this denoiser "
+                f"has {fp}); a bespoke solver only fits the model it was trained for, so retrain it"
+            )
+        solver = cls(blob["n_steps"], blob["base"])
+        solver.load_state_dict(blob["state_dict"])
+        solver.model_fingerprint = fp
+        return solver

@@ -1,0 +1,364 @@
+"""Training a :class:`~adjointflow.solvers.bespoke.BespokeSolver` for one model (Shaul et al. 2024, Sec. 3).
+
+Ground truth: the model's PF-ODE solved once per noise sample by ``torchdiffeq``'s dopri5 at a tight
+tolerance, stored on a dense uniform grid together with the drift there, and read at any time by
+cubic Hermite interpolation (:class:`GroundTruth`) -- so the learned times can move without
+re-solving. Losses (per-sample RMS errors ``||v|| = sqrt(mean v^2)``, averaged over the batch):
+
+* ``"bound"`` (the paper's): ``L = sum_i M_{i+1} || x_aux(t_{i+1}) - step_i(x_aux(t_i)) ||`` with
+  ``M_{i+1} = prod_{j > i} L_j`` the Lipschitz bounds of the later steps (``Lip(u)`` replaced by
+  ``lipschitz``, 1 in the paper). It bounds the final error when ``lipschitz >= Lip(u)``; all steps
+  start on the true path, so they are independent and the graph is ``n`` steps wide, not deep.
+* ``"rmse"``: the final error ``|| x_n - x(t_end) ||`` of the full sequential solve.
+
+``x_aux(t) = x(sg t) + u(x(sg t), sg t) (t - sg t)`` (``sg`` = stop-gradient) is the straight-through
+estimate: its value is the ground truth and its derivative in ``t`` is the true ``dx/dt = u``, so the
+learned times get exact gradients without differentiating the ODE solver.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .bespoke import BespokeSolver, model_fingerprint
+
+__all__ = ["GroundTruth", "ground_truth", "fit_bespoke", "BespokeHistory", "bespoke_loss", "rmse"]
+
+LOSSES = ("bound", "rmse")
+
+
+def rmse(a: Tensor, b: Tensor) -> float:
+    """Root mean square of ``a - b`` over all samples and elements."""
+    return float((a - b).double().pow(2).mean().sqrt())
+
+
+def _sample_rms(v: Tensor) -> Tensor:
+    return v.flatten(1).pow(2).mean(1).sqrt()
+
+
+def _index_cond(cond, idx):
+    if cond is None:
+        return None
+    if isinstance(cond, Mapping):
+        return {k: v[idx] for k, v in cond.items()}
+    return cond[idx]
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """Exact (to ``rtol``/``atol``) PF-ODE trajectories of ``N`` samples on a dense uniform grid.
+
+    ``times`` (``M``,) runs from ``t_start`` to ``t_end``; ``x`` and ``u`` have shape ``(M, N, *dims)``
+    (states and drifts). :meth:`at` interpolates with cubic Hermite polynomials, whose error is
+    ``O(dt^4)`` on a smooth path.
+    """
+
+    times: Tensor
+    x: Tensor
+    u: Tensor
+    cond: object = None
+    nfe: int = 0
+    seconds: float = 0.0
+
+    @property
+    def t_start(self) -> float:
+        return float(self.times[0])
+
+    @property
+    def t_end(self) -> float:
+        return float(self.times[-1])
+
+    @property
+    def x_start(self) -> Tensor:
+        return self.x[0]
+
+    @property
+    def x_end(self) -> Tensor:
+        return self.x[-1]
+
+    def __len__(self) -> int:
+        return self.x.shape[1]
+
+    def at(self, t, idx: Tensor | None = None) -> Tensor:
+        """Interpolated ``x(t)`` (no gradient) for the samples ``idx`` (all if ``None``)."""
+        t = float(t)
+        m = len(self.times) - 1
+        t0, t1 = self.t_start, self.t_end
+        f = (t - t0) / (t1 - t0) * m
+        if not -1e-9 <= f <= m + 1e-9:
+            raise ValueError(f"t={t} is outside the ground-truth interval [{t0}, {t1}]")
+        k = min(max(int(math.floor(f)), 0), m - 1)
+        th = min(max(f - k, 0.0), 1.0)
+        pick = (lambda v: v) if idx is None else (lambda v: v[idx])
+        h = float(self.times[k + 1] - self.times[k])
+        h00, h10 = 2 * th**3 - 3 * th**2 + 1, th**3 - 2 * th**2 + th
+        h01, h11 = -2 * th**3 + 3 * th**2, th**3 - th**2
+        return (h00 * pick(self.x[k]) + (h10 * h) * pick(self.u[k])
+                + h01 * pick(self.x[k + 1]) + (h11 * h) * pick(self.u[k + 1]))
+
+
+def _gt_key(fp, x, cond, t_start, t_end, rtol, atol, points) -> str:
+    h = hashlib.sha256(f"{fp}|{t_start!r}|{t_end!r}|{rtol!r}|{atol!r}|{points}|{x.dtype}|{tuple(x.shape)}".encode())
+    for v in [x] + ([] if cond is None else list(cond.values()) if isinstance(cond, Mapping) else [cond]):
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def ground_truth(denoiser, x: Tensor, t_start: float, t_end: float, *, cond=None, rtol: float = 1e-10,
+                 atol: float = 1e-10, points: int = 257, cache=None) -> GroundTruth:
+    """Solve the PF-ODE ``dx/dt = u(x, t)`` from ``x`` at ``t_start`` to ``t_end`` with dopri5
+    (``torchdiffeq.odeint``) and keep ``x`` and ``u`` at ``points`` uniformly spaced times.
+
+    ``cache`` (a file path) stores the result and reuses it when model fingerprint, samples,
+    interval, tolerances and ``points`` all match.
+    """
+    from torchdiffeq import odeint
+
+    from ..models import Denoiser
+
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"denoiser must be an adjointflow.Denoiser, got {type(denoiser).__name__}")
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[0] == 0:
+        raise TypeError("x must be a floating-point tensor of shape (batch, *dims)")
+    if not (0.0 <= t_start <= 1.0 and 0.0 <= t_end <= 1.0) or t_start == t_end:
+        raise ValueError(f"need two different times in [0, 1], got t_start={t_start}, t_end={t_end}")
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"points must be an int >= 2, got {points!r}")
+    x = x.detach()
+    key = None
+    if cache is not None:
+        key = _gt_key(model_fingerprint(denoiser), x, cond, t_start, t_end, rtol, atol, points)
+        if os.path.exists(cache):
+            blob = torch.load(os.fspath(cache), map_location="cpu", weights_only=True)
+            if isinstance(blob, dict) and blob.get("key") == key:
+                return GroundTruth(blob["times"], blob["x"].to(x.device), blob["u"].to(x.device), cond,
+                                   blob["nfe"], blob["seconds"])
+    times = t_start + (t_end - t_start) * torch.linspace(0.0, 1.0, points, dtype=torch.float64)
+    times[0], times[-1] = t_start, t_end
+    nfe = 0
+
+    def f(t, y):
+        nonlocal nfe
+        nfe += 1
+        return denoiser(y, t.to(torch.float64), cond).velocity
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        xs = odeint(f, x, times.to(x.device), method="dopri5", rtol=rtol, atol=atol)
+        us = torch.stack([denoiser(xs[k], times[k], cond).velocity for k in range(points)])
+    if not bool(torch.isfinite(xs).all()) or not bool(torch.isfinite(us).all()):
+        raise ValueError("the ground-truth solve produced NaN/Inf; move t_end away from a singular end of the schedule")
+    gt = GroundTruth(times, xs, us, cond, nfe + points, time.perf_counter() - start)
+    if cache is not None:
+        torch.save({"key": key, "times": times, "x": xs.cpu(), "u": us.cpu(), "nfe": gt.nfe, "seconds": gt.seconds},
+                   os.fspath(cache))
+    return gt
+
+
+def _aux(gt: GroundTruth, t: Tensor, idx, model) -> Tensor:
+    """Straight-through ``x_aux(t) = x(sg t) + u(x(sg t), sg t) (t - sg t)``."""
+    t_sg = t.detach()
+    x = gt.at(t_sg, idx)
+    if not t.requires_grad:
+        return x
+    with torch.no_grad():
+        u = model(x, t_sg).velocity
+    return x + u * (t - t_sg).to(x.dtype)
+
+
+def bespoke_loss(solver: BespokeSolver, denoiser, gt: GroundTruth, idx: Tensor | None = None, *,
+                 loss: str = "bound", lipschitz: float = 1.0) -> Tensor:
+    """The training loss of ``solver`` on the ground-truth samples ``idx`` (see the module docstring)."""
+    from ..driver import ModelCall
+
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    model = ModelCall(denoiser, _index_cond(gt.cond, idx) if idx is not None else gt.cond)
+    c = solver.coefficients(gt.t_start, gt.t_end)
+    n = solver.n_steps
+    if loss == "rmse":
+        x = gt.x_start if idx is None else gt.x_start[idx]
+        for i in range(n):
+            x = solver.advance(model, x, i, c)
+        target = gt.x_end if idx is None else gt.x_end[idx]
+        return _sample_rms(x - target).mean()
+    xa = [_aux(gt, c["t"][j], idx, model) for j in range(n + 1)]
+    d = torch.stack([_sample_rms(xa[i + 1] - solver.advance(model, xa[i], i, c)).mean() for i in range(n)])
+    lip = solver.lipschitz(c, lipschitz).to(d.dtype)
+    # M_{i+1} = prod_{j > i} L_j: reversed cumulative product, shifted by one
+    m = torch.cat([torch.flip(torch.cumprod(torch.flip(lip[1:], [0]), 0), [0]), lip.new_ones(1)])
+    return (m * d).sum()
+
+
+@dataclass
+class BespokeHistory:
+    """What :func:`fit_bespoke` did: the loss at every iteration, train/held-out RMSE at each
+    evaluation, the best held-out iteration (whose parameters were kept) and timings."""
+
+    loss: list = field(default_factory=list)
+    eval_iteration: list = field(default_factory=list)
+    train_rmse: list = field(default_factory=list)
+    val_rmse: list = field(default_factory=list)
+    best_iteration: int = -1
+    best_val_rmse: float = math.inf
+    seconds: float = 0.0
+    gt_seconds: float = 0.0
+    gt_nfe: int = 0
+
+
+def _evaluate(solver, denoiser, gt: GroundTruth, idx=None) -> float:
+    from ..driver import solve
+
+    with torch.no_grad():
+        x = gt.x_start if idx is None else gt.x_start[idx]
+        cond = gt.cond if idx is None else _index_cond(gt.cond, idx)
+        out = solve(denoiser, x, solver.timesteps(gt.t_start, gt.t_end), solver, cond=cond).x
+    return rmse(out, gt.x_end if idx is None else gt.x_end[idx])
+
+
+def fit_bespoke(
+    denoiser,
+    solver: BespokeSolver,
+    train,
+    val,
+    *,
+    t_start: float | None = None,
+    t_end: float | None = None,
+    cond_train=None,
+    cond_val=None,
+    loss: str = "bound",
+    lipschitz: float = 1.0,
+    iterations: int = 1000,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    lr_final: float | None = None,
+    eval_every: int = 50,
+    eval_train: int = 1024,
+    keep_best: bool = True,
+    seed: int = 0,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    gt_points: int = 257,
+    gt_cache: tuple | None = None,
+    progress: bool = True,
+) -> BespokeHistory:
+    """Train ``solver`` in place for ``denoiser`` with Adam (Shaul et al. 2024, Alg. 2).
+
+    ``train`` / ``val``: start samples at ``t_start`` (tensors ``(N, *dims)``, e.g. prior noise) or
+    precomputed :class:`GroundTruth` (reused as is); the two sets must not share a sample. ``t_start`` /
+    ``t_end`` default to the schedule's. ``loss`` is ``"bound"`` (paper) or ``"rmse"`` (final error).
+    The learning rate decays from ``lr`` to ``lr_final`` (cosine; default ``lr``, i.e. constant). Every
+    ``eval_every`` iterations the held-out RMSE of a full solve is recorded (and the train RMSE on the
+    first ``eval_train`` training samples); with ``keep_best`` the parameters with the lowest held-out
+    RMSE are restored at the end. ``gt_cache = (train_path, val_path)`` caches the ground truth on disk.
+    Returns a :class:`BespokeHistory`; the solver ends up tied to the interval and model fingerprint.
+    """
+    from ..models import Denoiser
+
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"denoiser must be an adjointflow.Denoiser, got {type(denoiser).__name__}")
+    if not isinstance(solver, BespokeSolver):
+        raise TypeError(f"solver must be a BespokeSolver, got {type(solver).__name__}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    for name, v in (("iterations", iterations), ("batch_size", batch_size), ("eval_every", eval_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not (lr > 0 and (lr_final is None or lr_final > 0) and lipschitz >= 0):
+        raise ValueError("lr and lr_final must be positive and lipschitz non-negative")
+    sch = denoiser.schedule
+    t_start = sch.t_start if t_start is None else float(t_start)
+    t_end = sch.t_end if t_end is None else float(t_end)
+    if solver.trained and (abs(float(solver.interval[0]) - t_start) > 1e-12 or abs(float(solver.interval[1]) - t_end) > 1e-12):
+        raise ValueError(
+            f"the solver was trained on [{float(solver.interval[0])}, {float(solver.interval[1])}], not "
+            f"[{t_start}, {t_end}]; start from a fresh BespokeSolver"
+        )
+    fp = model_fingerprint(denoiser)
+    if solver.model_fingerprint is not None and solver.model_fingerprint != fp:
+        raise ValueError("the solver was trained for a different model; start from a fresh BespokeSolver")
+
+    caches = gt_cache if gt_cache is not None else (None, None)
+    gts = []
+    for name, data, cond, cache in (("train", train, cond_train, caches[0]), ("val", val, cond_val, caches[1])):
+        if isinstance(data, GroundTruth):
+            if abs(data.t_start - t_start) > 1e-12 or abs(data.t_end - t_end) > 1e-12:
+                raise ValueError(f"the {name} ground truth spans [{data.t_start}, {data.t_end}], not [{t_start}, {t_end}]")
+            gts.append(data)
+        elif isinstance(data, Tensor):
+            gts.append(ground_truth(denoiser, data, t_start, t_end, cond=cond, rtol=rtol, atol=atol,
+                                    points=gt_points, cache=cache))
+        else:
+            raise TypeError(f"{name} must be a tensor of start samples or a GroundTruth, got {type(data).__name__}")
+    gt_tr, gt_val = gts
+    _check_disjoint(gt_tr.x_start, gt_val.x_start)
+
+    history = BespokeHistory(gt_seconds=gt_tr.seconds + gt_val.seconds, gt_nfe=gt_tr.nfe + gt_val.nfe)
+    with torch.no_grad():
+        solver.interval.copy_(torch.tensor([t_start, t_end], dtype=torch.float64))
+    solver.model_fingerprint = fp
+    opt = torch.optim.Adam(solver.parameters(), lr=lr)
+    lr_final = lr if lr_final is None else lr_final
+    gen = torch.Generator().manual_seed(seed)
+    n_tr = len(gt_tr)
+    train_eval_idx = torch.arange(min(eval_train, n_tr))
+    best = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, desc=f"bespoke {solver.base} n={solver.n_steps}", leave=False)
+
+    def evaluate(it):
+        v = _evaluate(solver, denoiser, gt_val)
+        history.eval_iteration.append(it)
+        history.val_rmse.append(v)
+        history.train_rmse.append(_evaluate(solver, denoiser, gt_tr, train_eval_idx))
+        nonlocal best
+        if v < history.best_val_rmse:
+            history.best_val_rmse, history.best_iteration = v, it
+            best = {k: p.detach().clone() for k, p in solver.state_dict().items()}
+        if bar is not None:
+            bar.set_postfix(val_rmse=f"{v:.3g}")
+
+    start = time.perf_counter()
+    try:
+        evaluate(0)
+        for it in range(1, iterations + 1):
+            for g in opt.param_groups:  # cosine decay from lr to lr_final
+                g["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * (it - 1) / iterations))
+            idx = torch.randperm(n_tr, generator=gen)[: min(batch_size, n_tr)]
+            opt.zero_grad()
+            value = bespoke_loss(solver, denoiser, gt_tr, idx, loss=loss, lipschitz=lipschitz)
+            if not bool(torch.isfinite(value)):
+                raise FloatingPointError(f"the bespoke loss became {float(value)} at iteration {it}; lower lr")
+            value.backward()
+            opt.step()
+            history.loss.append(float(value))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(value):.3g}", val_rmse=f"{history.val_rmse[-1]:.3g}")
+            if it % eval_every == 0 or it == iterations:
+                evaluate(it)
+    finally:
+        if bar is not None:
+            bar.close()
+    if keep_best and best is not None:
+        solver.load_state_dict(best)
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def _check_disjoint(a: Tensor, b: Tensor) -> None:
+    """Refuse a held-out set that shares a sample (an identical row) with the training set."""
+    rows = lambda x: {bytes(r) for r in x.detach().cpu().contiguous().flatten(1).view(torch.uint8).numpy()}
+    common = rows(a) & rows(b)
+    if common:
+        raise ValueError(f"the held-out set shares {len(common)} sample(s) with the training set; draw it independently")
