@@ -4,7 +4,7 @@
     den = af.Denoiser(net, af.VPLinear(), prediction="eps")
     sol = af.solve(den, x1, af.timesteps(den.schedule, 20), af.Heun())
 """
-from .adjoint import Backprop
+from .adjoint import Backprop, Checkpoint, ContinuousAdjoint
 from .driver import Solution, StepInfo, solve
 from .errors import NonFiniteError
 from .grids import timesteps
@@ -20,6 +20,6 @@ __all__ = [
     "solve", "Solution", "StepInfo", "NonFiniteError", "timesteps",
     "Denoiser", "Prediction", "ClassifierFreeGuidance", "BrownianNoise",
     "NoiseSchedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "LinearFlow",
-    "Solver", "State", "Euler", "Heun", "EulerMaruyama", "Backprop",
+    "Solver", "State", "Euler", "Heun", "EulerMaruyama", "Backprop", "Checkpoint", "ContinuousAdjoint",
 ]
 __all__ += ["DDIM", "DEIS", "DPMSolverPP", "SDEDPMSolverPP"]

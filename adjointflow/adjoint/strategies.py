@@ -1,11 +1,21 @@
-"""Gradient strategies: how gradients flow back through :func:`adjointflow.solve`."""
+"""Gradient strategies: how gradients flow back through :func:`adjointflow.solve`.
+
+=====================  ==============================  =============================  ==========================
+strategy               gradient                        memory (N steps)               reaches
+=====================  ==============================  =============================  ==========================
+``Backprop()``         exact, of the solver run        N network graphs               every tensor (autograd)
+``Checkpoint()``       exact, of the solver run        N states + one step's graph    every tensor (autograd)
+``ContinuousAdjoint``  continuous adjoint, O(h^p)      N states + one network graph   latent, ``cond``, ``params``
+=====================  ==============================  =============================  ==========================
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
+from torch import Tensor
 
-__all__ = ["GradientStrategy", "Backprop"]
+__all__ = ["GradientStrategy", "Backprop", "Checkpoint", "ContinuousAdjoint"]
 
 
 class GradientStrategy:
@@ -30,3 +40,171 @@ class Backprop(GradientStrategy):
         traj = [problem.x] if problem.save_trajectory else None
         state = integrate(problem, model, state, trajectory=traj)
         return Solution(state.x, torch.stack(traj) if traj is not None else None, model.nfe, problem.grid)
+
+
+# --- Checkpoint ---------------------------------------------------------------------------------
+class _CheckpointedSteps:
+    """Stands in for the solver inside the driver loop: every ``step`` runs under torch's
+    non-reentrant activation checkpointing, so only its input :class:`State` is kept."""
+
+    def __init__(self, solver, preserve_rng_state: bool):
+        self.solver, self.preserve_rng_state = solver, preserve_rng_state
+
+    def step(self, model, state, grid, i, noise=None):
+        from torch.utils.checkpoint import checkpoint
+
+        from ..solvers.base import State
+
+        if not torch.is_grad_enabled():
+            return self.solver.step(model, state, grid, i, noise)
+
+        def one_step(*tensors):
+            return self.solver.step(model, State.from_tensors(tensors), grid, i, noise).tensors()
+
+        out = checkpoint(one_step, *state.tensors(), use_reentrant=False, preserve_rng_state=self.preserve_rng_state)
+        return State.from_tensors(out)
+
+
+@dataclass(frozen=True)
+class Checkpoint(GradientStrategy):
+    """Exact discrete adjoint with per-step recomputation (Griewank & Walther 2008, ch. 12).
+
+    Forward: the states ``(x, history)`` at the grid points are kept (``N |state|``); each step's
+    activations are dropped. Backward: walking the steps from last to first, step ``i`` is re-run
+    from its stored state with a graph and its VJP taken, so one step's graph (``nfe_per_step``
+    network graphs) is alive at a time. Stochastic solvers re-query the same noise object
+    (``BrownianNoise`` returns the same increments), so the replayed step is the step that was run.
+
+    It is built on ``torch.utils.checkpoint`` (non-reentrant), i.e. it *is* autograd with the saved
+    activations recomputed: the gradient equals :class:`Backprop`'s to rounding (bit-identical on
+    CPU) and reaches every tensor that affects the output -- the latent, ``cond``, the network's
+    parameters and tensors captured by closure -- through both ``.backward()`` and
+    ``torch.autograd.grad``. Cost: one extra forward pass per gradient. ``preserve_rng_state``
+    replays a network's own randomness (e.g. dropout) in the recomputation.
+    """
+
+    preserve_rng_state: bool = True
+
+    def run(self, problem):
+        from ..driver import Solution, integrate
+
+        model = problem.model()
+        state = problem.solver.init(model, problem.x, problem.grid)
+        traj = [problem.x] if problem.save_trajectory else None
+        stepper = replace(problem, solver=_CheckpointedSteps(problem.solver, self.preserve_rng_state))
+        state = integrate(stepper, model, state, trajectory=traj)
+        return Solution(state.x, torch.stack(traj) if traj is not None else None, model.nfe, problem.grid)
+
+
+# --- ContinuousAdjoint --------------------------------------------------------------------------
+def _needs_adjoint_step(solver) -> None:
+    from ..solvers.base import Solver
+
+    if getattr(type(solver), "adjoint_step", Solver.adjoint_step) is Solver.adjoint_step:
+        raise ValueError(
+            f"{type(solver).__name__} has no continuous-adjoint step (adjoint_step), so it cannot be used with "
+            "ContinuousAdjoint; use gradient=Checkpoint() (exact, same memory class) or Backprop()")
+
+
+def record_states(problem) -> tuple[list[Tensor], int]:
+    """Run ``problem`` without a graph and return the states ``x`` at every grid point and the NFE.
+
+    A callback that *replaces* the state cannot be differentiated by a continuous adjoint: refused.
+    """
+    from ..driver import integrate
+
+    cb = problem.callback
+    if cb is not None:
+        def observe_only(info):
+            if cb(info) is not None:
+                raise ValueError("ContinuousAdjoint cannot differentiate through a callback that changes the "
+                                 "state (guidance); use gradient=Checkpoint() or Backprop()")
+        problem = replace(problem, callback=observe_only)
+    model = problem.model()
+    with torch.no_grad():
+        state = problem.solver.init(model, problem.x.detach(), problem.grid)
+        xs = [state.x]
+        integrate(problem, model, state, trajectory=xs)
+    return xs, model.nfe
+
+
+class _AdjointFunction(torch.autograd.Function):
+    """``x_end = solve(x, cond, params)`` whose backward integrates the continuous adjoint."""
+
+    @staticmethod
+    def forward(ctx, job, x, *inputs):
+        ctx.job = job
+        return job["xs"][-1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_end):
+        from .equations import AdjointModel, integrate_adjoint
+
+        job = ctx.job
+        model = AdjointModel(job["denoiser"], job["xs"], job["cond"], job["params"], sde=job["solver"].stochastic,
+                             form=job["form"], order=job["order"])
+        adj = integrate_adjoint(job["solver"], model, job["grid"], grad_end.contiguous())
+        job["stats"].update(backward_nfe=model.nfe, backward_vjp=model.nvjp)
+        ctx.job = None  # release the recorded states
+        return (None, adj.a, *adj.inputs)
+
+
+@dataclass(frozen=True)
+class ContinuousAdjoint(GradientStrategy):
+    """Continuous adjoint (optimise-then-discretise) along recorded forward states.
+
+    Forward: the solve runs without a graph and keeps ``x`` at every grid point (``N |x|``; for an SDE
+    these lie on the forward Brownian path). Backward: ``solver.adjoint_step`` integrates the adjoint
+    ODE ``da/dt = -(dF/dx)^T a`` (and the input integrals) from the last grid time to the first, one
+    network graph alive at a time (1 NFE + 1 VJP per evaluation). Exponential integrators use
+    AdjointDEIS-1 / -2M (Blasingame & Liu 2024) in the paper's noise form (``form="eps"``, default: the
+    more accurate wherever either form is usable) or the data form (``form="x0"``: never blows up, but
+    less accurate; see ``adjoint_deis``); ``order=None`` picks 1 for first-order
+    solvers and 2 (2M) otherwise. Euler/Heun integrate the adjoint with their own scheme.
+
+    The result approximates the exact gradient with the solver's adjoint order (it is *not* the
+    gradient of the discrete solver; for that use :class:`Checkpoint`).
+
+    **What is differentiated -- exactly these, nothing else:** the start latent ``x``, the
+    floating-point tensors of ``cond``, and ``params`` (default: every parameter of the denoiser that
+    requires grad; ``params=[...]`` overrides; listed tensors the output does not depend on get zero).
+    Tensors captured by closure in the network and parameters left out of ``params`` get no gradient
+    from this strategy (``.grad`` stays ``None``). A callback that changes the state is refused, and
+    the trajectory it returns is detached. Not twice differentiable.
+    """
+
+    form: str = "eps"
+    order: int | None = None
+    params: tuple | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        from .equations import ADJOINT_FORMS
+
+        if self.form not in ADJOINT_FORMS:
+            raise ValueError(f"unknown adjoint form {self.form!r}; choose one of {ADJOINT_FORMS}")
+        if self.order is not None and self.order not in (1, 2):
+            raise ValueError(f"order must be None, 1 or 2, got {self.order!r}")
+        if self.params is not None:
+            from .equations import check_params
+
+            object.__setattr__(self, "params", tuple(check_params(self.params)))
+
+    def run(self, problem):
+        from ..driver import Solution
+        from .equations import cond_leaves, default_params
+
+        _needs_adjoint_step(problem.solver)
+        xs, nfe = record_states(problem)
+        params = list(self.params) if self.params is not None else default_params(problem.denoiser)
+        cond_t = [v for _, v in cond_leaves(problem.cond)]
+        traj = torch.stack(xs) if problem.save_trajectory else None
+        stats: dict = {}
+        x, inputs = problem.x, (*cond_t, *params)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *inputs)):
+            job = dict(xs=xs, denoiser=problem.denoiser, cond=problem.cond, params=params, solver=problem.solver,
+                       grid=problem.grid, form=self.form, order=self.order, stats=stats)
+            out = _AdjointFunction.apply(job, x, *inputs)
+        else:
+            out = xs[-1]
+        return Solution(out, traj, nfe, problem.grid, stats)

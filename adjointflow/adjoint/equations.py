@@ -1,0 +1,176 @@
+"""The continuous adjoint equations and the vector-Jacobian products they need.
+
+For a solve of ``dx/dt = F(x, t; z, theta)`` (the PF-ODE drift ``u``, or the reverse-SDE drift
+``f x + g^2/sigma eps = 2 u - f x`` whose noise term is additive) and a loss ``L(x(t_end))``, the
+adjoint ``a(t) = dL/dx(t)`` and the input gradients obey (Pontryagin; Chen et al. 2018)
+
+    da/dt = -(dF/dx)^T a,        d a_z/dt = -(dF/dz)^T a,        d a_theta/dt = -(dF/dtheta)^T a,
+
+integrated from ``a(t_end) = dL/dx_end``, ``a_z = a_theta = 0`` back to the start of the grid. For an SDE
+with state-independent diffusion ``g(t)`` the adjoint is this ODE along the *same* Brownian path
+(Blasingame & Liu 2024, Thm 3.1), which is why the forward states are recorded, never re-solved.
+
+A solver's ``adjoint_step(model, adj, grid, i)`` maps the :class:`AdjointState` at ``grid[i + 1]``
+to the one at ``grid[i]``; ``model`` is an :class:`AdjointModel` (the recorded states and a VJP of
+the network with ``cond`` and the parameters as inputs), the adjoint counterpart of the forward
+``ModelCall``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import NonFiniteError
+
+__all__ = [
+    "AdjointState", "AdjointModel", "drift_vjp", "integrate_adjoint", "cond_leaves", "with_cond_leaves",
+    "default_params", "check_params", "ADJOINT_FORMS",
+]
+
+#: AdjointDEIS forms for exponential integrators: data prediction (``"x0"``) or noise prediction (``"eps"``).
+ADJOINT_FORMS = ("x0", "eps")
+
+
+@dataclass(frozen=True)
+class AdjointState:
+    """Adjoint at one grid time: ``a = dL/dx``, ``inputs`` = accumulated ``dL/d(input)`` for each
+    differentiated input (``cond`` tensors, then parameters), and ``history`` tensors a multistep
+    adjoint carries (newest first; their times are implied by the grid, as in :class:`~adjointflow.solvers.State`)."""
+
+    a: Tensor
+    inputs: tuple[Tensor, ...] = ()
+    history: tuple[Tensor, ...] = ()
+
+
+# --- conditioning plumbing ----------------------------------------------------------------------
+def cond_leaves(cond) -> list[tuple[object, Tensor]]:
+    """The differentiable (floating-point) tensors of ``cond`` as ``(key, tensor)`` pairs
+    (``key`` is ``None`` for a tensor ``cond``; integer labels are passed through, not differentiated)."""
+    if cond is None:
+        return []
+    if isinstance(cond, Mapping):
+        return [(k, v) for k, v in cond.items() if isinstance(v, Tensor) and v.is_floating_point()]
+    if isinstance(cond, Tensor):
+        return [(None, cond)] if cond.is_floating_point() else []
+    raise TypeError(f"cond must be a tensor or a dict of tensors, got {type(cond).__name__}")
+
+
+def with_cond_leaves(cond, keys: Sequence, tensors: Sequence[Tensor]):
+    """``cond`` with the tensors at ``keys`` (from :func:`cond_leaves`) replaced by ``tensors``."""
+    if not keys:
+        return cond
+    if isinstance(cond, Mapping):
+        out = dict(cond)
+        out.update(zip(keys, tensors))
+        return out
+    return tensors[0]
+
+
+def default_params(denoiser) -> list[Tensor]:
+    """Every parameter of ``denoiser`` that requires grad (shared parameters once)."""
+    seen, out = set(), []
+    for p in denoiser.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def check_params(params) -> list[Tensor]:
+    """Validate a user ``params=`` override: an iterable of tensors that require grad."""
+    if isinstance(params, Tensor):
+        params = [params]
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(f"params must be an iterable of tensors, got {type(params).__name__}") from None
+    out, seen = [], set()
+    for k, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{k}] is a {type(p).__name__}, not a tensor")
+        if not p.requires_grad:
+            raise ValueError(f"params[{k}] (shape {tuple(p.shape)}) does not require grad; "
+                             "call .requires_grad_() on it or leave it out")
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+# --- the adjoint model ----------------------------------------------------------------------------
+class AdjointModel:
+    """What an ``adjoint_step`` sees: recorded forward states and the network's VJP.
+
+    ``x(i)`` is the recorded state at ``grid[i]`` (forward pass, same Brownian path for an SDE).
+    ``vjp(x, t, cotangent, output)`` evaluates the denoiser once with a graph at ``(x, t)`` and returns
+    ``(cotangent^T d out/dx, tuple(cotangent^T d out/d input))`` for ``out`` one of ``"eps"``, ``"x0"``,
+    ``"velocity"``; the inputs are the differentiable ``cond`` tensors, then ``params``. An input the
+    network does not use gets zeros. ``sde`` says the forward was the reverse SDE (drift ``2u - f x``);
+    ``form``/``order`` configure AdjointDEIS for exponential integrators (``order=None``: from the solver).
+    """
+
+    def __init__(self, denoiser, xs: Sequence[Tensor], cond=None, params: Sequence[Tensor] = (),
+                 sde: bool = False, form: str = "eps", order: int | None = None):
+        if form not in ADJOINT_FORMS:
+            raise ValueError(f"unknown adjoint form {form!r}; choose one of {ADJOINT_FORMS}")
+        self.denoiser = denoiser
+        self.schedule = denoiser.schedule
+        self.xs = xs
+        self.cond = cond
+        leaves = cond_leaves(cond)
+        self.cond_keys = [k for k, _ in leaves]
+        self.cond_tensors = [v for _, v in leaves]
+        self.params = list(params)
+        self.inputs = (*self.cond_tensors, *self.params)
+        self.sde, self.form, self.order = bool(sde), form, order
+        self.nfe = 0
+        self.nvjp = 0
+
+    def x(self, i: int) -> Tensor:
+        return self.xs[i]
+
+    def zero_state(self, grad_end: Tensor) -> AdjointState:
+        return AdjointState(grad_end, tuple(torch.zeros_like(p) for p in self.inputs))
+
+    def vjp(self, x: Tensor, t, cotangent: Tensor, output: str = "velocity"):
+        with torch.enable_grad():
+            xl = x.detach().requires_grad_(True)
+            cl = [c.detach().requires_grad_(True) for c in self.cond_tensors]
+            cond = with_cond_leaves(self.cond, self.cond_keys, cl)
+            self.nfe += 1
+            out = self.denoiser(xl, t, cond).as_(output)
+            if not bool(torch.isfinite(out).all()):
+                raise NonFiniteError(f"the model returned NaN/Inf in the adjoint pass (t={float(t):.6g})", t=float(t))
+            wrt = [xl, *cl, *self.params]
+            if out.requires_grad:
+                self.nvjp += 1
+                grads = torch.autograd.grad(out, wrt, cotangent, allow_unused=True)
+            else:
+                grads = [None] * len(wrt)
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+        return grads[0], tuple(grads[1:])
+
+
+def drift_vjp(model: AdjointModel, x: Tensor, t, a: Tensor):
+    """``(a^T dF/dx, a^T dF/d inputs)`` for the drift ``F`` the forward solver integrated: the PF-ODE
+    velocity ``u``, or for a reverse SDE ``F = 2u - f x`` (``g^2/sigma eps`` doubles the ODE's term)."""
+    vx, vin = model.vjp(x, t, a, "velocity")
+    if not model.sde:
+        return vx, vin
+    f = model.schedule.f(t).to(dtype=a.dtype, device=a.device)
+    return 2 * vx - f * a, tuple(2 * v for v in vin)
+
+
+def integrate_adjoint(solver, model: AdjointModel, grid: Tensor, grad_end: Tensor) -> AdjointState:
+    """Walk ``solver.adjoint_step`` from ``grid[-1]`` back to ``grid[0]`` starting at ``a = grad_end``."""
+    adj = model.zero_state(grad_end)
+    for i in reversed(range(len(grid) - 1)):
+        adj = solver.adjoint_step(model, adj, grid, i)
+        if not bool(torch.isfinite(adj.a).all()):
+            raise NonFiniteError(
+                f"the adjoint became NaN/Inf at step {i} (t={float(grid[i]):.6g}); with few steps try "
+                "form='x0' (AdjointDEIS data form) or gradient=Checkpoint()", step=i, t=float(grid[i]))
+    return adj
