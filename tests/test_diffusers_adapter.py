@@ -23,7 +23,7 @@ from diffusers import (  # noqa: E402
 N_TRAIN = 1000
 
 
-def tiny_unet(seed=0, dtype=torch.float32):
+def tiny_unet(seed=0):
     """A randomly initialised 8x8 UNet2DModel (~40k parameters), built offline."""
     torch.manual_seed(seed)
     net = UNet2DModel(
@@ -36,7 +36,7 @@ def tiny_unet(seed=0, dtype=torch.float32):
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     )
-    return net.to(dtype).eval()
+    return net.eval()
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +138,42 @@ def test_gradients_flow_through_wrapped_unet_backprop():
 
 
 def test_gradients_flow_through_wrapped_unet_checkpoint():
-    from adjointflow.adjoint import strategies
+    from adjointflow.adjoint import Checkpoint
 
-    if not hasattr(strategies, "Checkpoint"):
-        pytest.skip("Checkpoint is not built yet (adjointflow.adjoint.strategies)")
-    _gradient_check(strategies.Checkpoint())
+    _gradient_check(Checkpoint())
+
+
+def _diffusers_dpmpp2m(unet, sch, x):
+    with torch.no_grad():
+        for k in sch.timesteps:
+            x = sch.step(unet(x, k).sample, k, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("n", [5, 12, 20])
+def test_dpmsolverpp2m_matches_diffusers_multistep_scheduler(unet, ptype, n):
+    """Our DPMSolverPP(order=2) on the wrapped UNet, on diffusers' own grid (t = (k+1)/N for its
+    timesteps k, then t = 0 for ``final_sigmas_type="zero"``), equals diffusers'
+    DPMSolverMultistepScheduler (dpmsolver++, midpoint, lower_order_final) to float32 precision."""
+    from adjointflow.solvers import DPMSolverPP
+
+    sch = DPMSolverMultistepScheduler(num_train_timesteps=N_TRAIN, solver_order=2, algorithm_type="dpmsolver++",
+                                      solver_type="midpoint", prediction_type=ptype)
+    sch.set_timesteps(n)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(n))
+    ref = _diffusers_dpmpp2m(unet, sch, x.clone())
+    den = af.Denoiser.from_diffusers(unet, sch)
+    grid = torch.cat([(sch.timesteps.double() + 1) / N_TRAIN, torch.zeros(1, dtype=torch.float64)])
+    with torch.no_grad():
+        sol = af.solve(den, x, grid, DPMSolverPP(order=2))
+    assert sol.nfe == n
+    scale = float(ref.abs().max())
+    # float32: the model output is identical, the coefficients differ by rounding (ours float64)
+    torch.testing.assert_close(sol.x, ref, rtol=1e-5, atol=2e-6 * scale)
+    if ptype == "epsilon":
+        # the comparison can fail: the network one timestep off (N t instead of N t - 1) is detected
+        off = af.Denoiser(unet, den.schedule, "eps", net_time=lambda t: t * N_TRAIN)
+        with torch.no_grad():
+            wrong = af.solve(off, x, grid, DPMSolverPP(order=2)).x
+        assert float((wrong - ref).abs().max()) > 100 * 2e-6 * scale

@@ -1,0 +1,157 @@
+"""Command line: ``python -m adjointflow {demo, train-digits, bench}``.
+
+Errors the user can fix (a bad argument, a missing weights file) end the program with a one-line
+``error: ...`` message on stderr and a non-zero exit status, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "CLIError"]
+
+# Set before anything imports torch / diffusers / matplotlib (DESIGN.md §6): on the 2-core machines
+# two torch threads can run ~30x slower than one.
+for _k, _v in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("HF_HUB_OFFLINE", "1"), ("MPLBACKEND", "Agg")):
+    os.environ.setdefault(_k, _v)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo.digits import DEFAULT_DIR
+
+    ap = argparse.ArgumentParser(
+        prog="python -m adjointflow",
+        description="adjointflow: differentiable ODE/SDE solvers for diffusion and flow-matching models.",
+    )
+    sub = ap.add_subparsers(dest="command", metavar="{demo,train-digits,bench}")
+    sub.required = True
+
+    d = sub.add_parser(
+        "demo",
+        help="sample with every solver and solve inverse problems on the bundled digits model",
+        description="Load the bundled digits flow model; (a) sample with every solver at NFE 5/10/20 and "
+        "compare with a dopri5 reference, (b) inpainting and 2x super-resolution with every guidance "
+        "method. Writes solvers.png, inverse_problems.png and results.md into --out.",
+    )
+    d.add_argument("--quick", action="store_true", help="a ~1 minute run (fewer samples, NFE 5/10 only)")
+    d.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default: %(default)s)")
+    d.add_argument(
+        "--weights", default=None, metavar="PATH",
+        help="digits model (.safetensors file or directory; default: the committed model)",
+    )
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    t = sub.add_parser(
+        "train-digits",
+        help="train the digits flow-matching model (about 10 minutes on one CPU core)",
+        description="Train the small flow-matching model on scikit-learn's 8x8 digits and write "
+        "digits_flow.safetensors + digits_flow.json.",
+    )
+    t.add_argument("--out", default=str(DEFAULT_DIR), metavar="DIR", help="output directory (default: %(default)s)")
+    t.add_argument("--steps", type=_positive_int, default=7000)
+    t.add_argument("--batch", type=_positive_int, default=64)
+    t.add_argument("--lr", type=_positive_float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--log-every", type=_positive_int, default=100)
+    t.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser(
+        "bench",
+        help="run the benchmark suites (pytest benchmarks --benchmark-only)",
+        description="Run `pytest benchmarks --benchmark-only` with this Python; extra arguments go to pytest.",
+    )
+    b.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
+    return ap
+
+
+def _cmd_demo(args) -> int:
+    weights = args.weights
+    if weights is not None:
+        p = Path(weights)
+        if not p.exists():
+            raise CLIError(f"weights not found: {weights} (pass a .safetensors file or a directory holding one)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out} exists and is not a directory")
+    from .demo.run import run_demo
+
+    run_demo(out_dir=out, quick=args.quick, weights=weights, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {args.out} exists and is not a directory")
+    from .demo.digits import WEIGHTS_NAME, train_digits
+
+    _, meta = train_digits(
+        out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+        log_every=args.log_every, progress=not args.no_progress,
+    )
+    print(
+        f"wrote {out / WEIGHTS_NAME} ({meta['n_params']} parameters): final loss {meta['final_loss']:.4f}, "
+        f"held-out loss {meta['test_loss_ema']:.4f}, {meta['seconds']:.0f} s",
+        flush=True,
+    )
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent
+    bench = root / "benchmarks"
+    if not bench.is_dir():
+        raise CLIError(f"no benchmarks directory at {bench} (run from a source checkout)")
+    extra = list(args.pytest_args)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    cmd = [sys.executable, "-m", "pytest", str(bench), "--benchmark-only", "-p", "no:cacheprovider",
+           "-o", "testpaths=benchmarks", *extra]
+    print("running:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m adjointflow``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits with status 2 and a usage line on bad arguments
+    import torch
+
+    torch.set_num_threads(1)
+    handlers = {"demo": _cmd_demo, "train-digits": _cmd_train, "bench": _cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except (CLIError, FileNotFoundError, ValueError, ImportError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"{parser.prog} {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
+        return 130

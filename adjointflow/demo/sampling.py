@@ -1,0 +1,155 @@
+"""Demo part (a): every solver in :mod:`adjointflow.solvers` at a few NFE budgets, against a reference.
+
+ODE solvers are compared with a torchdiffeq dopri5 solution of the same probability-flow ODE from the
+same latents (float64 copy of the network, tight tolerances). A stochastic solver does not converge
+to the ODE solution, so its reference is the same solver with many steps on the same Brownian path
+(:class:`~adjointflow.noise.BrownianNoise` answers consistently at every resolution): that is its
+pathwise (strong) error.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..driver import solve
+from ..grids import timesteps
+from ..models import Denoiser
+from ..noise import BrownianNoise
+from ..solvers.base import Solver
+
+__all__ = ["SolverSpec", "SampleRun", "discover_solvers", "dopri5_reference", "compare_solvers", "rmse"]
+
+#: orders tried for solver classes that take an ``order`` argument
+VARIANT_ORDERS = (2, 3)
+#: classes that need a trained or user-supplied ingredient and are not run by default
+NEEDS_TRAINING = {"BespokeSolver": "needs a solver trained for this model (see adjointflow.solvers.bespoke)"}
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    name: str
+    solver: Solver
+
+
+@dataclass
+class SampleRun:
+    """One solver at one NFE budget."""
+
+    name: str
+    nfe_target: int
+    nfe: int
+    steps: int
+    seconds: float
+    rmse: float
+    reference: str
+    stochastic: bool
+    x: Tensor = field(repr=False)
+
+
+def rmse(x: Tensor, ref: Tensor) -> float:
+    """Root-mean-square error per sample (pixels in [-1, 1]), averaged over the batch."""
+    d = (x.double() - ref.double()).flatten(1)
+    return float(d.pow(2).mean(1).sqrt().mean())
+
+
+def discover_solvers() -> tuple[list[SolverSpec], list[str]]:
+    """Instantiate every public solver class of :mod:`adjointflow.solvers` (orders 2 and 3 for classes
+    with an ``order`` argument). Returns the specs and notes on what was skipped and why."""
+    import adjointflow.solvers as S
+
+    specs, notes = [], []
+    for name in getattr(S, "__all__", dir(S)):
+        cls = getattr(S, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Solver)) or cls is Solver:
+            continue
+        if inspect.isabstract(cls):
+            continue
+        if name in NEEDS_TRAINING:
+            notes.append(f"{name}: skipped ({NEEDS_TRAINING[name]})")
+            continue
+        try:
+            params = inspect.signature(cls).parameters
+        except (TypeError, ValueError):
+            params = {}
+        variants = [{"order": k} for k in VARIANT_ORDERS] if "order" in params else [{}]
+        for kw in variants:
+            label = name + ("(" + ", ".join(f"{k}={v}" for k, v in kw.items()) + ")" if kw else "")
+            try:
+                specs.append(SolverSpec(label, cls(**kw)))
+            except (TypeError, ValueError, NotImplementedError) as exc:
+                notes.append(f"{label}: skipped (cannot be built with defaults: {exc})")
+    return specs, notes
+
+
+def dopri5_reference(den: Denoiser, x: Tensor, grid: Tensor, cond=None, rtol: float = 1e-6,
+                     atol: float = 1e-6) -> tuple[Tensor, int]:
+    """Solve ``dx/dt = u(x, t)`` from ``grid[0]`` to ``grid[-1]`` with torchdiffeq's adaptive dopri5
+    (Dormand & Prince 1980) on a float64 copy of the network. Returns ``(x_end in x's dtype, nfe)``."""
+    from torchdiffeq import odeint
+
+    net64 = copy.deepcopy(den.net).double()
+    den64 = Denoiser(net64, den.schedule, den.prediction, net_time=den.net_time, noise_at_zero=den.noise_at_zero)
+    nfe = 0
+
+    def f(t, y):
+        nonlocal nfe
+        nfe += 1
+        return den64(y, t, cond).velocity
+
+    ts = torch.stack([grid[0], grid[-1]]).double()
+    with torch.no_grad():
+        y = odeint(f, x.double(), ts, method="dopri5", rtol=rtol, atol=atol)[-1]
+    return y.to(x.dtype), nfe
+
+
+def _grid(den: Denoiser, steps: int, t_start: float, t_end: float) -> Tensor:
+    return timesteps(den.schedule, steps, "uniform", t_start=t_start, t_end=t_end)
+
+
+def compare_solvers(den: Denoiser, x1: Tensor, cond, specs: list[SolverSpec], nfes, *, t_start: float,
+                    t_end: float, sde_ref_steps: int, seed: int, progress: bool = True,
+                    ) -> tuple[list[SampleRun], dict, list[str]]:
+    """Run every spec at every NFE budget (``steps = nfe // solver.nfe_per_step``) from the latents
+    ``x1`` on a uniform grid ``t_start -> t_end``. Returns the runs, the references
+    (``{"dopri5": (x, nfe, seconds), name: (x, nfe, seconds)}``) and notes about failures."""
+    from tqdm.auto import tqdm
+
+    notes: list[str] = []
+    refs: dict = {}
+    t0 = time.perf_counter()
+    x_ref, ref_nfe = dopri5_reference(den, x1, _grid(den, 1, t_start, t_end), cond)
+    refs["dopri5"] = (x_ref, ref_nfe, time.perf_counter() - t0)
+    runs: list[SampleRun] = []
+    jobs = [(s, n) for s in specs for n in nfes]
+    bar = tqdm(jobs, desc="(a) solvers", disable=not progress, leave=False)
+    for spec, nfe in bar:
+        bar.set_postfix_str(f"{spec.name} NFE {nfe}")
+        solver = spec.solver
+        steps = max(1, nfe // max(1, int(solver.nfe_per_step)))
+        noise = BrownianNoise(tuple(x1.shape), seed=seed, dtype=x1.dtype) if solver.stochastic else None
+        try:
+            if solver.stochastic and spec.name not in refs:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    sol = solve(den, x1, _grid(den, sde_ref_steps, t_start, t_end), solver, cond=cond,
+                                noise=BrownianNoise(tuple(x1.shape), seed=seed, dtype=x1.dtype))
+                refs[spec.name] = (sol.x, sol.nfe, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                sol = solve(den, x1, _grid(den, steps, t_start, t_end), solver, cond=cond, noise=noise)
+            sec = time.perf_counter() - t0
+        except Exception as exc:  # a solver that fails on this model is reported, never hidden
+            notes.append(f"{spec.name} at NFE {nfe}: failed ({type(exc).__name__}: {exc})")
+            continue
+        if solver.stochastic:
+            ref, reference = refs[spec.name][0], f"same SDE solver, {sde_ref_steps} steps, same Brownian path"
+        else:
+            ref, reference = x_ref, "dopri5"
+        runs.append(SampleRun(spec.name, nfe, sol.nfe, steps, sec, rmse(sol.x, ref), reference,
+                              bool(solver.stochastic), sol.x.detach()))
+    return runs, refs, notes
