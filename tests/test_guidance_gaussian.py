@@ -43,7 +43,7 @@ class FullGaussian:
         self.cov = torch.as_tensor(cov, dtype=torch.float64)
         lam, U = torch.linalg.eigh(self.cov)
         self.lam, self.U = lam.clamp_min(0.0), U
-        self.box = {"vjps": 0, "calls": 0}
+        self.box = {"vjps": 0, "calls": 0, "graph_calls": 0}
 
     @property
     def d(self):
@@ -75,6 +75,7 @@ class FullGaussian:
         class Net(nn.Module):
             def forward(self, x, t, cond=None):
                 prior.box["calls"] += 1
+                prior.box["graph_calls"] += int(torch.is_grad_enabled() and x.requires_grad)
                 x0 = prior.posterior_mean_x0(schedule, x, t)
                 if cond is not None:
                     x0 = x0 + cond
