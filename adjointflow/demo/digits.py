@@ -151,8 +151,12 @@ class DigitsVelocityNet(nn.Module):
 
     ``forward(x, t, cond=None)``: ``x`` (B, C, H, W), ``t`` a (B,) tensor (or a scalar) in
     ``[0, 1]`` with ``t = 0`` data and ``t = 1`` noise, ``cond`` an optional (B,) LongTensor of
-    labels 0..9 (``NULL_CLASS`` = 10, or ``cond=None``, means unconditional). Returns a tensor
-    shaped like ``x``. The output dtype follows the parameters' dtype.
+    labels 0..9 (``NULL_CLASS`` = 10, or ``cond=None``, means unconditional), or a float
+    tensor of soft labels, (B, 11) weights over the 11 class embeddings (one-hot reproduces the
+    integer labels) or (B, 10) with the rest of the weight on the null class: this form is
+    differentiable, for gradients w.r.t. the conditioning. Returns a tensor
+    shaped like ``x`` and of ``x``'s dtype (the computation runs in the parameters' dtype; call
+    ``net.double()`` for float64 throughout).
 
     Architecture: the image is cut into ``patch x patch`` patches (pixel-unshuffle, 16x16x1 ->
     8x8x4 by default), then a small U-Net: one residual block per resolution (8x8 with
@@ -226,6 +230,38 @@ class DigitsVelocityNet(nn.Module):
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
 
+    def _class_embedding(self, cond, b: int, device, wdtype) -> torch.Tensor:
+        if cond is None:
+            cond = torch.full((b,), self.null_class, dtype=torch.long, device=device)
+        if not isinstance(cond, torch.Tensor):
+            raise TypeError(f"cond must be a tensor or None, got {type(cond).__name__}")
+        k = self.num_classes + 1
+        if cond.dtype.is_floating_point:
+            # soft labels: weights over the (num_classes + 1) embeddings, the last one null;
+            # (B, num_classes) weights get the null embedding with weight 1 - sum. Differentiable.
+            if cond.dim() != 2 or cond.shape[1] not in (k - 1, k) or cond.shape[0] not in (1, b):
+                raise ValueError(
+                    f"float cond must have shape ({b}, {k - 1}) or ({b}, {k}) (weights over the "
+                    f"class embeddings), got {tuple(cond.shape)}"
+                )
+            w = cond.to(device=device, dtype=wdtype)
+            if w.shape[1] == k - 1:
+                w = torch.cat([w, 1 - w.sum(dim=1, keepdim=True)], dim=1)
+            return w.expand(b, k) @ self.class_emb.weight
+        if cond.dtype == torch.bool or cond.is_complex():
+            raise TypeError(f"cond must hold integer labels or float weights, got dtype {cond.dtype}")
+        cond = cond.to(device=device, dtype=torch.long).reshape(-1)
+        if cond.shape[0] == 1 and b != 1:
+            cond = cond.expand(b)
+        if cond.shape[0] != b:
+            raise ValueError(f"cond must have shape ({b},), got {tuple(cond.shape)}")
+        if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) > self.null_class):
+            raise ValueError(
+                f"labels must be in 0..{self.null_class} ({self.null_class} = null class), got "
+                f"values in {int(cond.min())}..{int(cond.max())}"
+            )
+        return self.class_emb(cond)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -240,20 +276,9 @@ class DigitsVelocityNet(nn.Module):
         t = t.reshape(-1)
         if t.shape[0] != b:
             raise ValueError(f"t must have shape ({b},) or be a scalar, got {tuple(t.shape)}")
-        if cond is None:
-            cond = torch.full((b,), self.null_class, dtype=torch.long, device=x.device)
-        else:
-            if cond.dtype.is_floating_point or cond.dtype == torch.bool:
-                raise TypeError(f"cond must be an integer label tensor, got dtype {cond.dtype}")
-            cond = cond.to(device=x.device, dtype=torch.long).reshape(-1)
-            if cond.shape[0] == 1 and b != 1:
-                cond = cond.expand(b)
-            if cond.shape[0] != b:
-                raise ValueError(f"cond must have shape ({b},), got {tuple(cond.shape)}")
-
         wdtype = self.in_conv.weight.dtype
         emb = self.time_mlp(timestep_embedding(t, self.emb_dim).to(wdtype))
-        emb = F.silu(emb + self.class_emb(cond))
+        emb = F.silu(emb + self._class_embedding(cond, b, x.device, wdtype))
 
         if x.shape[-1] % (self.patch * 2 ** (len(self.down_blocks) - 1)) or x.shape[-2] % (
             self.patch * 2 ** (len(self.down_blocks) - 1)
@@ -282,7 +307,7 @@ class DigitsVelocityNet(nn.Module):
         h = self.out_conv(F.silu(self.out_norm(h)))
         if self.patch > 1:
             h = F.pixel_shuffle(h, self.patch)
-        return h
+        return h.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------
