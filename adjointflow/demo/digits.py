@@ -447,6 +447,10 @@ def train_digits(
         state = {k: v.detach().to(torch.float32).contiguous() for k, v in ema.state_dict().items()}
         wpath = out / WEIGHTS_NAME
         save_file(state, str(wpath), metadata={"format": "pt"})
+        try:  # safetensors writes 0600; the bundled file should be readable by everyone
+            os.chmod(wpath, 0o644)
+        except OSError:  # pragma: no cover
+            pass
         import sklearn
 
         meta: dict[str, Any] = {
