@@ -117,6 +117,12 @@ class DFlow:
         if isinstance(self.gradient, type):
             raise TypeError(f"gradient must be an instance, e.g. {self.gradient.__name__}(), not the class")
 
+    def initial_latent(self, denoiser, objective, x_init: Tensor, cond=None) -> Tensor:
+        """The latent the optimisation starts from: ``x_init``, or with ``blend = b``,
+        ``sqrt(b) z_inv + sqrt(1 - b) x_init`` with ``z_inv`` the ODE inversion of ``A^+ y``."""
+        check_run_inputs(denoiser, objective, x_init, cond)
+        return self._init_latent(denoiser, objective, x_init, sampling_grid(denoiser, self.steps, self.grid), cond)
+
     def _init_latent(self, den, objective, x_init, grid, cond) -> Tensor:
         if self.blend is None:
             return x_init.detach().clone()
