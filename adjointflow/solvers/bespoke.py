@@ -86,6 +86,28 @@ def model_fingerprint(denoiser) -> str:
     return h.hexdigest()[:16]
 
 
+class _AddScaled(torch.autograd.Function):
+    """``y + b u`` for a 0-dim float64 tensor ``b``, computed as ``torch.add(y, u, alpha=float(b))`` --
+    the kernel Euler and Heun use, so the identity transform reproduces them bit for bit -- with
+    gradients for ``y``, ``b`` and ``u`` (the backward is itself differentiable)."""
+
+    @staticmethod
+    def forward(ctx, y, b, u):
+        ctx.save_for_backward(b, u)
+        return torch.add(y, u, alpha=float(b))
+
+    @staticmethod
+    def backward(ctx, g):
+        b, u = ctx.saved_tensors
+        gb = (g * u).sum().to(b.dtype) if ctx.needs_input_grad[1] else None
+        gu = g * b.to(g.dtype) if ctx.needs_input_grad[2] else None
+        return g, gb, gu
+
+
+def _add_scaled(y: Tensor, b: Tensor, u: Tensor) -> Tensor:
+    return _AddScaled.apply(y, b, u)
+
+
 class BespokeSolver(nn.Module, Solver):
     """Learned scale-time RK1/RK2 solver (Shaul et al. 2024); an ``nn.Module`` and a :class:`Solver`.
 
@@ -216,13 +238,49 @@ class BespokeSolver(nn.Module, Solver):
         t, dt, s, hsd = c["t"], c["dt"], c["s"], c["hsdot"]
         u = model(x, t[i]).velocity
         if self.base == "rk1":
-            a = (s[i] + hsd[i]) / s[i + 1]
-            b = dt[i] * s[i] / s[i + 1]
-            return cast(a) * x + cast(b) * u
+            return _add_scaled(cast((s[i] + hsd[i]) / s[i + 1]) * x, dt[i] * s[i] / s[i + 1], u)
         sm, hsdm = c["s_mid"][i], c["hsdot_mid"][i]
-        z = cast(s[i] + 0.5 * hsd[i]) * x + cast(0.5 * dt[i] * s[i]) * u
+        z = _add_scaled(cast(s[i] + 0.5 * hsd[i]) * x, 0.5 * dt[i] * s[i], u)
         u_m = model(z / cast(sm), c["t_mid"][i]).velocity
-        return cast(s[i] / s[i + 1]) * x + cast(hsdm / (sm * s[i + 1])) * z + cast(c["dt_mid"][i] * sm / s[i + 1]) * u_m
+        y = cast(s[i] / s[i + 1]) * x + cast(hsdm / (sm * s[i + 1])) * z
+        return _add_scaled(y, c["dt_mid"][i] * sm / s[i + 1], u_m)
+
+    def adjoint_step(self, model, adj, grid: Tensor, i: int):
+        """Adjoint of one step from ``grid[i + 1]`` back to ``grid[i]`` along the recorded states
+        (used by ``ContinuousAdjoint``; ``model`` is an ``AdjointModel``).
+
+        It is the transpose of the step's Jacobian at the recorded ``x_i``: RK1
+        ``a_i = (s_i + h sdot_i)/s_{i+1} a + h tdot_i s_i/s_{i+1} u_x(x_i, t_i)^T a`` (1 VJP), which in
+        ``abar = a/s`` reads ``abar_i = abar_{i+1} + h (sdot_i/s_i + tdot_i u_x^T) abar_{i+1}``: a
+        first-order step of the transformed adjoint ODE ``dabar/dr = -(sdot/s + tdot u_x^T) abar``
+        with the transform's coefficients at ``r_i`` (the solver has none at ``r_n``, where an explicit
+        backward Euler step would need them). RK2 is transposed stage by stage (1 NFE to rebuild the
+        midpoint stage, 2 VJPs), a second-order scheme for the same ODE. Hence the result equals the
+        exact gradient of the bespoke solve (as ``Checkpoint`` gives) to rounding.
+        """
+        from ..adjoint.equations import AdjointState
+
+        a = adj.a
+        cast = lambda v: v.detach().to(dtype=a.dtype, device=a.device)
+        with torch.no_grad():
+            c = self.coefficients(grid[0], grid[-1], times=grid.to(self.theta_t))
+        t, dt, s, hsd = c["t"], c["dt"], c["s"], c["hsdot"]
+        x = model.x(i)
+        if self.base == "rk1":
+            vx, vin = model.vjp(x, t[i], cast(dt[i] * s[i] / s[i + 1]) * a, "velocity")
+            new_a = cast((s[i] + hsd[i]) / s[i + 1]) * a + vx
+            return AdjointState(new_a, tuple(p + v for p, v in zip(adj.inputs, vin)), adj.history)
+        sm, hsdm = c["s_mid"][i], c["hsdot_mid"][i]
+        with torch.no_grad():
+            model.nfe += 1
+            u = model.denoiser(x, t[i], model.cond).velocity
+        z = cast(s[i] + 0.5 * hsd[i]) * x + cast(0.5 * dt[i] * s[i]) * u
+        v_m, vin_m = model.vjp(z / cast(sm), c["t_mid"][i], cast(c["dt_mid"][i] * sm / s[i + 1]) * a, "velocity")
+        g_z = cast(hsdm / (sm * s[i + 1])) * a + v_m / cast(sm)
+        v_i, vin_i = model.vjp(x, t[i], cast(0.5 * dt[i] * s[i]) * g_z, "velocity")
+        new_a = cast(s[i] / s[i + 1]) * a + cast(s[i] + 0.5 * hsd[i]) * g_z + v_i
+        inputs = tuple(p + v + w for p, v, w in zip(adj.inputs, vin_m, vin_i))
+        return AdjointState(new_a, inputs, adj.history)
 
     def lipschitz(self, c: dict, lip_u: float = 1.0) -> Tensor:
         """Per-step Lipschitz bounds ``L_i`` of the step map in ``x`` given ``Lip(u) <= lip_u``

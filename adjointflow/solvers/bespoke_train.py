@@ -35,8 +35,9 @@ LOSSES = ("bound", "rmse")
 
 
 def rmse(a: Tensor, b: Tensor) -> float:
-    """Root mean square of ``a - b`` over all samples and elements."""
-    return float((a - b).double().pow(2).mean().sqrt())
+    """RMSE as in Shaul et al.: each sample's root-mean-square error over its elements, averaged
+    over the samples (``mean_b sqrt(mean_d (a - b)^2)``)."""
+    return float(_sample_rms((a - b).detach().double()).mean())
 
 
 def _sample_rms(v: Tensor) -> Tensor:
