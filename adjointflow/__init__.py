@@ -13,6 +13,7 @@ from .noise import BrownianNoise
 from .schedules import EDM, VE, LinearFlow, NoiseSchedule, VPCosine, VPDiscrete, VPLinear
 from .solvers import Euler, EulerMaruyama, Heun, Solver, State
 from .solvers import DDIM, DEIS, DPMSolverPP, SDEDPMSolverPP
+from .solvers import BespokeSolver, fit_bespoke
 
 __version__ = "0.1.0"
 
@@ -23,3 +24,4 @@ __all__ = [
     "Solver", "State", "Euler", "Heun", "EulerMaruyama", "Backprop", "Checkpoint", "ContinuousAdjoint",
 ]
 __all__ += ["DDIM", "DEIS", "DPMSolverPP", "SDEDPMSolverPP"]
+__all__ += ["BespokeSolver", "fit_bespoke"]
