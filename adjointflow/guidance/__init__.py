@@ -10,6 +10,7 @@ All share ``run(denoiser, objective, x_init, cond=None) -> GuidanceResult``. Obj
 ``x0 -> (batch,)`` losses; :mod:`~adjointflow.guidance.objectives` has measurement operators and
 :class:`MeasurementLoss`.
 """
+from .adjoint_guidance import AdjointGuidance
 from .base import GuidanceResult
 from .dflow import DFlow, chi_regularizer, gaussian_regularizer
 from .dps import DPS
@@ -18,6 +19,6 @@ from .objectives import (Downsample, FourierMagnitude, GaussianBlur, Inpaint, Ma
                          Operator)
 
 __all__ = [
-    "GuidanceResult", "DPS", "FlowChef", "DFlow", "gaussian_regularizer", "chi_regularizer",
+    "GuidanceResult", "DPS", "FlowChef", "DFlow", "AdjointGuidance", "gaussian_regularizer", "chi_regularizer",
     "Operator", "Inpaint", "Downsample", "GaussianBlur", "FourierMagnitude", "MatrixOperator", "MeasurementLoss",
 ]

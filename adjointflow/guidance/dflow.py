@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..adjoint import Checkpoint
 from ..driver import solve
 from ..errors import NonFiniteError
 from ..solvers.base import Solver
@@ -54,12 +55,6 @@ def chi_regularizer(z: Tensor) -> Tensor:
 
 
 REGULARIZERS = {None: None, "gaussian": gaussian_regularizer, "chi": chi_regularizer}
-
-
-def _default_gradient():
-    from .. import adjoint
-
-    return adjoint.Checkpoint() if hasattr(adjoint, "Checkpoint") else adjoint.Backprop()
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,7 +140,7 @@ class DFlow:
         timer, counter = Timer(), Counter()
         grid = sampling_grid(denoiser, self.steps, self.grid)
         den = CountedDenoiser(denoiser, counter)
-        gradient = _default_gradient() if self.gradient is None else self.gradient
+        gradient = Checkpoint() if self.gradient is None else self.gradient
         reg = REGULARIZERS[self.regularizer]
         cond_d = None if cond is None else (cond.detach() if isinstance(cond, Tensor) else cond)
         z = self._init_latent(den, objective, x_init, grid, cond_d).requires_grad_(True)
