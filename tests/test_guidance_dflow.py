@@ -147,6 +147,10 @@ def test_counts_and_strategies_agree():
     bp = DFlow(gradient=af.Backprop(), **kw).run(den, obj, z0)
     assert bp.nfe == evals * per_solve + per_solve and bp.vjps == ck.vjps
     torch.testing.assert_close(bp.latent, ck.latent, rtol=0, atol=1e-13)  # same gradients -> same iterates
+    # the continuous adjoint is an opt-in: approximate gradients, still a descent
+    ca = DFlow(gradient=af.adjoint.ContinuousAdjoint(), **kw).run(den, obj, z0)
+    assert float(ca.losses[-1].sum()) < 0.5 * float(ca.losses[0].sum()) and ca.vjps > 0
+    assert all(p.grad is None for p in den.parameters())
 
 
 def test_dflow_argument_errors():

@@ -21,6 +21,7 @@ keep unit variance for independent unit-variance inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adjoint import Checkpoint
+from ..adjoint import Checkpoint, ContinuousAdjoint
 from ..driver import solve
 from ..errors import NonFiniteError
 from ..solvers.base import Solver
@@ -141,6 +142,8 @@ class DFlow:
         grid = sampling_grid(denoiser, self.steps, self.grid)
         den = CountedDenoiser(denoiser, counter)
         gradient = Checkpoint() if self.gradient is None else self.gradient
+        if isinstance(gradient, ContinuousAdjoint):  # the latent only: no parameter integrals
+            gradient = dataclasses.replace(gradient, params=())
         reg = REGULARIZERS[self.regularizer]
         cond_d = None if cond is None else (cond.detach() if isinstance(cond, Tensor) else cond)
         z = self._init_latent(den, objective, x_init, grid, cond_d).requires_grad_(True)
@@ -158,7 +161,8 @@ class DFlow:
                 total = total + self.reg_weight * reg(z).sum()
             if not bool(torch.isfinite(total)):
                 raise NonFiniteError("the D-Flow regulariser is not finite (||z|| = 0 with 'chi'?)")
-            total.backward()
+            # only the latent's gradient: nothing accumulates in the network's .grad
+            (z.grad,) = torch.autograd.grad(total, z)
             losses.append(data.detach())
             return total
 
