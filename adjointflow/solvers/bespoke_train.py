@@ -338,14 +338,14 @@ def fit_bespoke(
             idx = torch.randperm(n_tr, generator=gen)[: min(batch_size, n_tr)]
             opt.zero_grad()
             value = bespoke_loss(solver, denoiser, gt_tr, idx, loss=loss, lipschitz=lipschitz)
-            if not bool(torch.isfinite(value)):
-                raise FloatingPointError(f"the bespoke loss became {float(value)} at iteration {it}; lower lr")
+            if not bool(torch.isfinite(value.detach())):
+                raise FloatingPointError(f"the bespoke loss became {float(value.detach())} at iteration {it}; lower lr")
             value.backward()
             opt.step()
-            history.loss.append(float(value))
+            history.loss.append(float(value.detach()))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(value):.3g}", val_rmse=f"{history.val_rmse[-1]:.3g}")
+                bar.set_postfix(loss=f"{history.loss[-1]:.3g}", val_rmse=f"{history.val_rmse[-1]:.3g}")
             if it % eval_every == 0 or it == iterations:
                 evaluate(it)
     finally:

@@ -1,0 +1,461 @@
+"""Bespoke solvers (Shaul et al. 2024): identity = base solver bit for bit, order kept under a fixed
+smooth transform, exact (straight-through) gradients, training on a 2-D mixture, save/load, strategies."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torchdiffeq import odeint
+
+import adjointflow as af
+from adjointflow.solvers import BespokeSolver, Solver, State, fit_bespoke
+from adjointflow.solvers.bespoke import model_fingerprint
+from adjointflow.solvers.bespoke_train import GroundTruth, bespoke_loss, ground_truth, rmse
+from adjointflow.testing import GaussianData, GaussianMixture, empirical_order
+
+F64 = torch.float64
+T0, T1 = 1.0, 1e-3
+# the training toy: four well-separated components (Euler at 4 NFE is far off)
+MIX = GaussianMixture([0.3, 0.2, 0.25, 0.25], [[-2.0, 0.0], [2.0, 0.5], [0.0, 2.0], [0.5, -2.0]], [0.3, 0.5, 0.4, 0.35])
+# smooth mixture for order tests (notes §8.5: sharp components are not asymptotic at n <= 128)
+SMOOTH = GaussianMixture([0.3, 0.2, 0.25, 0.25], [[-2.0, 0.0], [2.0, 0.5], [0.0, 2.0], [0.5, -2.0]], [0.6, 0.9, 0.7, 0.8])
+
+# fixed smooth transform of notes §8.5: t_r = (e^{2r} - 1)/(e^2 - 1), s_r = 1 + r(1 - r)/2
+PHI = lambda r: torch.expm1(2 * r) / math.expm1(2.0)
+DPHI = lambda r: 2 * torch.exp(2 * r) / math.expm1(2.0)
+S = lambda r: 1 + 0.5 * r * (1 - r)
+DS = lambda r: 0.5 - r
+
+
+def den_mix():
+    return MIX.denoiser(af.LinearFlow(), "velocity")
+
+
+def randn(*shape, seed=0, dtype=F64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def perturbed(n, base, seed=1, scale=0.2):
+    s = BespokeSolver(n, base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=F64))
+    return s
+
+
+@dataclass(frozen=True)
+class Midpoint(Solver):
+    """Reference explicit midpoint, written like Heun (torch.add kernel)."""
+
+    order = 2
+    nfe_per_step = 2
+
+    def step(self, model, state, grid, i, noise=None):
+        t, t_next = grid[i], grid[i + 1]
+        dt = float(t_next - t)
+        z = torch.add(state.x, model(state.x, t).velocity, alpha=0.5 * dt)
+        return State(torch.add(state.x, model(z, t + 0.5 * (t_next - t)).velocity, alpha=dt))
+
+
+# --- protocol -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("base, per_step, order", [("rk1", 4, 1), ("rk2", 8, 2)])
+def test_protocol_and_parameter_count(base, per_step, order):
+    for n in (1, 3, 10):
+        s = BespokeSolver(n, base)
+        assert isinstance(s, Solver) and isinstance(s, torch.nn.Module)
+        assert sum(p.numel() for p in s.parameters()) == per_step * n - 1
+        assert s.order == order and s.nfe_per_step == order and not s.stochastic
+    a, b = BespokeSolver(4, base), BespokeSolver(4, base)
+    assert a != b and a == a and len({a, b}) == 2  # module identity, not dataclass-field equality
+    assert "untrained" in repr(a)
+
+
+# --- identity reproduces the base ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("n", [3, 8])
+@pytest.mark.parametrize("sch, pred", [(af.LinearFlow(), "velocity"), (af.VPLinear(), "eps")])
+def test_identity_is_euler_bit_for_bit(dtype, n, sch, pred):
+    den = MIX.denoiser(sch, pred)
+    s = BespokeSolver(n, "rk1")
+    x = randn(64, 2, dtype=dtype)
+    for grid in (s.timesteps(sch.t_start, sch.t_end), af.timesteps(sch, n, "uniform")):
+        a, b = af.solve(den, x, grid, s), af.solve(den, x, grid, af.Euler())
+        assert torch.equal(a.x, b.x) and a.nfe == b.nfe == n
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("n", [3, 8])
+def test_identity_rk2_is_midpoint_bit_for_bit(dtype, n):
+    den = den_mix()
+    s = BespokeSolver(n, "rk2")
+    x = randn(64, 2, dtype=dtype)
+    grid = af.timesteps(af.LinearFlow(), n)
+    a, b = af.solve(den, x, grid, s), af.solve(den, x, grid, Midpoint())
+    assert torch.equal(a.x, b.x) and a.nfe == 2 * n
+
+
+# --- a fixed smooth transform ----------------------------------------------------------------------
+def test_from_transform_is_the_papers_step():
+    """One step equals Eqs. 17/19 of the paper written out with t_r, s_r and their derivatives."""
+    den = den_mix()
+    n, x = 5, randn(16, 2)
+    t_of = lambda r: T0 + (T1 - T0) * PHI(torch.as_tensor(r, dtype=F64))
+    tdot = lambda r: (T1 - T0) * DPHI(torch.as_tensor(r, dtype=F64))
+    s_, sd = (lambda r: S(torch.as_tensor(r, dtype=F64))), (lambda r: DS(torch.as_tensor(r, dtype=F64)))
+    u = lambda y, r: den(y, t_of(r)).velocity
+    h = 1.0 / n
+    for base in ("rk1", "rk2"):
+        sol = BespokeSolver.from_transform(n, base, PHI, DPHI, S, DS)
+        c = sol.coefficients(T0, T1)
+        for i in range(n):
+            r, r1, rm = i * h, (i + 1) * h, (i + 0.5) * h
+            if base == "rk1":
+                ref = (s_(r) + h * sd(r)) / s_(r1) * x + h * tdot(r) * s_(r) / s_(r1) * u(x, r)
+            else:
+                z = (s_(r) + h * sd(r) / 2) * x + h / 2 * s_(r) * tdot(r) * u(x, r)
+                ref = s_(r) / s_(r1) * x + h / s_(r1) * (sd(rm) / s_(rm) * z + tdot(rm) * s_(rm) * u(z / s_(rm), rm))
+            got = sol.advance(lambda y, t: den(y, t), x, i, c)
+            assert torch.allclose(got, ref, rtol=0, atol=1e-13), (base, i)
+
+
+@pytest.mark.parametrize("base, order", [("rk1", 1), ("rk2", 2)])
+def test_fixed_smooth_transform_keeps_order(base, order):
+    den = SMOOTH.denoiser(af.LinearFlow(), "velocity")
+    x = randn(64, 2, seed=3)
+    with torch.no_grad():
+        exact = odeint(lambda t, y: den(y, t).velocity, x, torch.tensor([T0, T1], dtype=F64),
+                       method="dopri5", rtol=1e-12, atol=1e-12)[-1]
+    ns, errs, gaps = [16, 32, 64, 128], [], []
+    for n in ns:
+        s, b = BespokeSolver.from_transform(n, base, PHI, DPHI, S, DS), BespokeSolver(n, base)
+        with torch.no_grad():
+            out = af.solve(den, x, s.timesteps(T0, T1), s).x
+            out_base = af.solve(den, x, b.timesteps(T0, T1), b).x
+        errs.append(rmse(out, exact))
+        gaps.append(rmse(out, out_base) / rmse(out_base, exact))
+    p = empirical_order(ns, errs)
+    print(f"\n{base} errors {errs}, slope {p:.3f}")
+    assert abs(p - order) <= 0.15, (p, errs)
+    # a real transform, not the identity in disguise: its samples differ from the base solver's by
+    # a sizeable fraction of the base solver's own error
+    assert min(gaps) > 0.1, gaps
+
+
+# --- ground truth and straight-through gradients ---------------------------------------------------
+@pytest.fixture(scope="module")
+def small_gt():
+    return ground_truth(den_mix(), randn(48, 2, seed=5), T0, T1, points=513)
+
+
+def test_ground_truth_interpolation_and_straight_through_derivative(small_gt):
+    from adjointflow.driver import ModelCall
+    from adjointflow.solvers.bespoke_train import _aux
+
+    den, gt = den_mix(), small_gt
+    f = lambda t, y: den(y, t).velocity
+    for tq in (0.83, 0.4137, 0.05):
+        eps = 1e-5
+        ts = torch.tensor([T0, tq + eps, tq, tq - eps], dtype=F64)
+        with torch.no_grad():
+            xs = odeint(f, gt.x_start, ts, method="dopri5", rtol=1e-12, atol=1e-12)
+        assert (gt.at(tq) - xs[2]).abs().max() < 1e-8  # Hermite interpolation of the dense solve
+        t = torch.tensor(tq, dtype=F64, requires_grad=True)
+        xa = _aux(gt, t, None, ModelCall(den))
+        assert torch.equal(xa.detach(), gt.at(tq))  # the value is the ground truth
+        w = randn(*xa.shape, seed=9)
+        (g,) = torch.autograd.grad((xa * w).sum(), t)
+        fd = ((xs[1] - xs[3]) * w).sum() / (2 * eps)
+        assert abs(float(g) - float(fd)) <= 1e-6 * abs(float(fd)), (float(g), float(fd))
+
+
+@pytest.mark.parametrize("base", ["rk1", "rk2"])
+@pytest.mark.parametrize("loss", ["bound", "rmse"])
+def test_loss_gradient_matches_finite_differences(small_gt, base, loss):
+    """Autograd (straight-through for the learned times) == central differences of the loss, where
+    the perturbed times read the dense ground truth: every parameter, both losses, both bases."""
+    den, s = den_mix(), perturbed(4, base, seed=2, scale=0.1)
+    value = bespoke_loss(s, den, small_gt, loss=loss)
+    value.backward()
+    h = 1e-6
+    for name, p in s.named_parameters():
+        fd = torch.zeros_like(p)
+        for k in range(p.numel()):
+            with torch.no_grad():
+                p.view(-1)[k] += h
+                lp = bespoke_loss(s, den, small_gt, loss=loss)
+                p.view(-1)[k] -= 2 * h
+                lm = bespoke_loss(s, den, small_gt, loss=loss)
+                p.view(-1)[k] += h
+            fd.view(-1)[k] = (lp - lm) / (2 * h)
+        assert torch.allclose(p.grad, fd, rtol=1e-5, atol=1e-7), (name, p.grad, fd)
+
+
+def test_bound_loss_bounds_the_error_when_lipschitz_is_an_upper_bound():
+    """On Gaussian data the drift is affine with u_x = (alpha alpha' s^2 + sigma sigma')/(alpha^2 s^2 + sigma^2),
+    so Lip(u) is known; with lipschitz >= Lip(u) the paper's loss is >= the true final error."""
+    std = torch.tensor([0.5, 1.5], dtype=F64)
+    data, sch = GaussianData(torch.tensor([1.0, -0.5], dtype=F64), std), af.LinearFlow()
+    den = data.denoiser(sch, "velocity")
+    t = torch.linspace(T1, T0, 20001, dtype=F64)[:, None]
+    a, sg = 1 - t, t
+    lip = float(((-a * std**2 + sg) / (a * a * std**2 + sg * sg)).abs().max())
+    gt = ground_truth(den, randn(256, 2, seed=4), T0, T1)
+    for s in (BespokeSolver(4, "rk1"), perturbed(4, "rk1"), BespokeSolver(3, "rk2"), perturbed(3, "rk2")):
+        with torch.no_grad():
+            err = float(bespoke_loss(s, den, gt, loss="rmse"))
+            bound = float(bespoke_loss(s, den, gt, loss="bound", lipschitz=lip))
+        assert err <= bound, (err, bound)
+
+
+# --- training ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mix_data():
+    den = den_mix()
+    gts = [ground_truth(den, randn(n, 2, seed=seed), T0, T1) for n, seed in ((1024, 10), (512, 11), (1024, 12))]
+    return den, gts
+
+
+def base_rmse(den, gt, solver_n, base):
+    with torch.no_grad():
+        s = BespokeSolver(solver_n, base)
+        return rmse(af.solve(den, gt.x_start, s.timesteps(T0, T1), s).x, gt.x_end)
+
+
+@pytest.fixture(scope="module")
+def trained_rk1(mix_data):
+    den, (tr, va, te) = mix_data
+    s = BespokeSolver(4, "rk1")
+    hist = fit_bespoke(den, s, tr, va, loss="rmse", iterations=300, lr=1e-2, lr_final=5e-4, eval_every=50,
+                       progress=False)
+    return s, hist
+
+
+def check_transform_valid(s):
+    t = s.timesteps()
+    assert bool((t[1:] < t[:-1]).all())  # sampling grid: strictly decreasing from t_start to t_end
+    c = s.coefficients(*s.interval.tolist())
+    assert bool((c["dt"] < 0).all()) and bool((c["s"] > 0).all())
+    if s.base == "rk2":
+        lo, hi = torch.minimum(c["t"][:-1], c["t"][1:]), torch.maximum(c["t"][:-1], c["t"][1:])
+        assert bool((c["t_mid"] > lo).all() and (c["t_mid"] < hi).all() and (c["s_mid"] > 0).all())
+
+
+def test_training_cuts_heldout_error_rk1_nfe4(mix_data, trained_rk1):
+    den, (tr, va, te) = mix_data
+    s, hist = trained_rk1
+    base = base_rmse(den, te, 4, "rk1")
+    with torch.no_grad():
+        test = rmse(af.solve(den, te.x_start, s.timesteps(), s).x, te.x_end)
+        train = rmse(af.solve(den, tr.x_start, s.timesteps(), s).x, tr.x_end)
+    print(f"\nRK1 NFE 4: Euler {base:.4f}, bespoke train {train:.4f}, validation {hist.best_val_rmse:.4f}, "
+          f"held-out test {test:.4f} ({base / test:.1f}x), {hist.seconds:.1f} s")
+    assert base / test >= 3.0, (base, test)
+    check_transform_valid(s)
+    assert s.trained and s.model_fingerprint == model_fingerprint(den)
+    assert len(hist.loss) == 300 and hist.eval_iteration == list(range(0, 301, 50))
+    assert len(hist.val_rmse) == len(hist.train_rmse) == 7 and hist.best_val_rmse == min(hist.val_rmse)
+    assert hist.val_rmse[0] == pytest.approx(base_rmse(den, va, 4, "rk1"), rel=1e-12)
+
+
+def test_training_cuts_heldout_error_rk2_nfe8(mix_data):
+    den, (tr, va, te) = mix_data
+    s = BespokeSolver(4, "rk2")
+    hist = fit_bespoke(den, s, tr, va, loss="rmse", iterations=250, lr=1e-2, lr_final=5e-4, eval_every=50,
+                       progress=False)
+    base = base_rmse(den, te, 4, "rk2")
+    with torch.no_grad():
+        test = rmse(af.solve(den, te.x_start, s.timesteps(), s).x, te.x_end)
+    print(f"\nRK2 NFE 8: midpoint {base:.4f}, bespoke validation {hist.best_val_rmse:.4f}, held-out test {test:.4f} "
+          f"({base / test:.1f}x)")
+    assert base / test >= 3.0, (base, test)
+    check_transform_valid(s)
+
+
+def test_bound_loss_training_improves(mix_data):
+    """The paper's loss trains too (it is a looser proxy than the final error on this toy; see the benchmark)."""
+    den, (tr, va, te) = mix_data
+    s = BespokeSolver(4, "rk1")
+    hist = fit_bespoke(den, s, tr, va, loss="bound", iterations=100, lr=1e-2, eval_every=25, progress=False)
+    assert hist.loss[-1] < 0.5 * hist.loss[0]
+    with torch.no_grad():
+        test = rmse(af.solve(den, te.x_start, s.timesteps(), s).x, te.x_end)
+    assert base_rmse(den, te, 4, "rk1") / test >= 2.0
+    check_transform_valid(s)
+
+
+# --- use inside solve: gradient strategies, batches, dtypes -------------------------------------------
+def test_trained_solver_with_every_gradient_strategy(mix_data, trained_rk1):
+    den, _ = mix_data
+    s, _ = trained_rk1
+    x = randn(8, 2, seed=21)
+    w = randn(8, 2, seed=22)
+    grid = s.timesteps()
+
+    def grad(strategy):
+        xl = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((af.solve(den, xl, grid, s, gradient=strategy).x * w).sum(), xl)
+        return g
+
+    g_bp = grad(af.Backprop())
+    fd = torch.zeros_like(x)
+    with torch.no_grad():
+        for k in range(x.numel()):
+            e = torch.zeros_like(x).view(-1)
+            e[k] = 1e-6
+            e = e.view_as(x)
+            fd.view(-1)[k] = ((af.solve(den, x + e, grid, s).x - af.solve(den, x - e, grid, s).x) * w).sum() / 2e-6
+    assert torch.allclose(g_bp, fd, rtol=1e-6, atol=1e-8)
+    assert torch.allclose(grad(af.Checkpoint()), g_bp, rtol=0, atol=1e-13)
+    assert torch.allclose(grad(af.ContinuousAdjoint()), g_bp, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("base", ["rk1", "rk2"])
+def test_adjoint_step_gives_exact_gradients_for_latent_cond_and_params(base):
+    """ContinuousAdjoint uses the transposed bespoke step: it equals Backprop for x, cond and the
+    model's parameters (GaussianData's mean and std)."""
+    data = GaussianData(torch.tensor([0.5, -1.0], dtype=F64), torch.tensor([0.7, 1.3], dtype=F64))
+    den = data.denoiser(af.LinearFlow(), "velocity")
+    s = perturbed(5, base, seed=7)
+    grid = s.timesteps(T0, T1)
+    x, cond, w = randn(6, 2, seed=1), 0.3 * randn(6, 2, seed=2), randn(6, 2, seed=3)
+
+    def grads(strategy):
+        xl, cl = x.clone().requires_grad_(True), cond.clone().requires_grad_(True)
+        out = af.solve(den, xl, grid, s, cond=cl, gradient=strategy).x
+        return torch.autograd.grad((out * w).sum(), [xl, cl, data.mean, data.std])
+
+    for a, b in zip(grads(af.ContinuousAdjoint()), grads(af.Backprop())):
+        assert torch.allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_batch_invariance_and_float32(trained_rk1):
+    den, den32 = den_mix(), MIX.denoiser(af.LinearFlow(), "velocity")
+    s, _ = trained_rk1
+    x = randn(5, 2, seed=8)
+    with torch.no_grad():
+        full = af.solve(den, x, s.timesteps(), s).x
+        for i in range(5):
+            assert torch.allclose(af.solve(den, x[i : i + 1], s.timesteps(), s).x[0], full[i], rtol=1e-13, atol=1e-13)
+        out32 = af.solve(den32, x.float(), s.timesteps(), s).x
+    assert out32.dtype == torch.float32 and torch.allclose(out32.double(), full, atol=1e-4)
+
+
+# --- the grid -----------------------------------------------------------------------------------------
+def test_grid_must_be_the_solvers_own(trained_rk1):
+    den, s = den_mix(), trained_rk1[0]
+    x = randn(4, 2)
+    with pytest.raises(ValueError, match="exactly 5 points"):
+        af.solve(den, x, af.timesteps(af.LinearFlow(), 8), s)
+    with pytest.raises(ValueError, match="learned times"):
+        af.solve(den, x, af.timesteps(af.LinearFlow(), 4), s)  # uniform, but the learned times moved
+    with pytest.raises(ValueError, match="trained on the interval"):
+        af.solve(den, x, BespokeSolver(4).timesteps(1.0, 0.01), s)
+    assert torch.equal(s.timesteps(), s.timesteps(T0, T1))
+    with pytest.raises(ValueError, match="untrained"):
+        BespokeSolver(4).timesteps()
+    with pytest.raises(ValueError, match="outside"):
+        BespokeSolver(4).timesteps(1.5, 0.0)
+    # an untrained solver takes any interval, including an inversion grid
+    u = BespokeSolver(3, "rk2")
+    out = af.solve(den, x, u.timesteps(0.2, 0.9), u)
+    assert torch.equal(out.x, af.solve(den, x, u.timesteps(0.2, 0.9), Midpoint()).x)
+
+
+# --- persistence ----------------------------------------------------------------------------------------
+def test_save_load_round_trip_and_refusals(tmp_path, trained_rk1):
+    den, s = den_mix(), trained_rk1[0]
+    path = tmp_path / "bespoke.pt"
+    s.save(path)  # the fingerprint recorded by fit_bespoke
+    t = BespokeSolver.load(path, denoiser=den, n_steps=4, base="rk1")
+    x = randn(16, 2)
+    with torch.no_grad():
+        assert torch.equal(af.solve(den, x, t.timesteps(), t).x, af.solve(den, x, s.timesteps(), s).x)
+    assert t.trained and torch.equal(t.interval, s.interval)
+    with pytest.raises(ValueError, match="n_steps=4.*n_steps=8"):
+        BespokeSolver.load(path, denoiser=den, n_steps=8)
+    with pytest.raises(ValueError, match="base"):
+        BespokeSolver.load(path, denoiser=den, base="rk2")
+    other = GaussianMixture([0.3, 0.2, 0.25, 0.25], [[-2.0, 0.0], [2.0, 0.5], [0.0, 2.0], [0.5, -2.1]],
+                            [0.3, 0.5, 0.4, 0.35]).denoiser(af.LinearFlow(), "velocity")
+    with pytest.raises(ValueError, match="different model"):
+        BespokeSolver.load(path, denoiser=other)
+    with pytest.raises(ValueError, match="different model"):
+        BespokeSolver.load(path, denoiser=MIX.denoiser(af.VPLinear(), "eps"))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a saved BespokeSolver"):
+        BespokeSolver.load(tmp_path / "other.pt", denoiser=den)
+    with pytest.raises(ValueError, match="unknown model"):
+        BespokeSolver(3).save(tmp_path / "u.pt")
+    BespokeSolver(3).save(tmp_path / "u.pt", den)
+    assert not BespokeSolver.load(tmp_path / "u.pt", denoiser=den, n_steps=3).trained
+
+
+def test_ground_truth_cache(tmp_path):
+    den = den_mix()
+    x = randn(32, 2, seed=30)
+    path = tmp_path / "gt.pt"
+    a = ground_truth(den, x, T0, T1, points=65, cache=path)
+    b = ground_truth(den, x, T0, T1, points=65, cache=path)
+    assert torch.equal(a.x, b.x) and b.seconds == a.seconds  # read back, not recomputed
+    c = ground_truth(den, x + 1e-3, T0, T1, points=65, cache=path)  # other samples: recomputed
+    assert not torch.equal(c.x_end, a.x_end) and torch.equal(c.x_start, x + 1e-3)
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+def test_bad_input():
+    den = den_mix()
+    for n in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="n_steps"):
+            BespokeSolver(n)
+    with pytest.raises(ValueError, match="base"):
+        BespokeSolver(4, "rk3")
+    with pytest.raises(ValueError, match="phi"):
+        BespokeSolver.from_transform(4, "rk1", lambda r: r**2 + 0.1, lambda r: 2 * r + 1, S, DS)
+    with pytest.raises(ValueError, match="s\\(0\\) = 1"):
+        BespokeSolver.from_transform(4, "rk1", PHI, DPHI, lambda r: 2 + r, lambda r: 1 + 0 * r)
+    with pytest.raises(ValueError, match="positive"):
+        BespokeSolver.from_transform(4, "rk1", PHI, DPHI, lambda r: 1 - 2 * r, lambda r: -2 + 0 * r)
+    x = randn(8, 2)
+    with pytest.raises(ValueError, match="shares 8 sample"):
+        fit_bespoke(den, BespokeSolver(2), x, x, iterations=1, progress=False)
+    with pytest.raises(ValueError, match="loss"):
+        fit_bespoke(den, BespokeSolver(2), x, x + 1, loss="l2", progress=False)
+    with pytest.raises(TypeError, match="BespokeSolver"):
+        fit_bespoke(den, af.Euler(), x, x + 1, progress=False)
+    with pytest.raises(TypeError, match="GroundTruth"):
+        fit_bespoke(den, BespokeSolver(2), [1.0], x + 1, progress=False)
+    with pytest.raises(ValueError, match="iterations"):
+        fit_bespoke(den, BespokeSolver(2), x, x + 1, iterations=0, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        fit_bespoke(den, BespokeSolver(2), x, x + 1, lr=-1.0, progress=False)
+    with pytest.raises(TypeError, match="Denoiser"):
+        ground_truth(lambda x, t: x, x, T0, T1)
+    with pytest.raises(ValueError, match="different times"):
+        ground_truth(den, x, 0.5, 0.5)
+    with pytest.raises(ValueError, match="points"):
+        ground_truth(den, x, T0, T1, points=1)
+    gt = ground_truth(den, x, T0, T1, points=17)
+    with pytest.raises(ValueError, match="outside the ground-truth interval"):
+        gt.at(0.0)
+    with pytest.raises(ValueError, match="spans"):
+        fit_bespoke(den, BespokeSolver(2), gt, x + 1, t_end=0.01, progress=False)
+
+
+def test_fit_with_cond_and_progress_bar():
+    data = GaussianData(torch.tensor([0.5, -1.0], dtype=F64), torch.tensor([0.3, 0.6], dtype=F64))
+    den = data.denoiser(af.LinearFlow(), "velocity")
+    xt, xv = randn(64, 2, seed=40), randn(32, 2, seed=41)
+    ct, cv = randn(64, 2, seed=42), randn(32, 2, seed=43)
+    s = BespokeSolver(3, "rk2")
+    hist = fit_bespoke(den, s, xt, xv, cond_train=ct, cond_val=cv, loss="rmse", iterations=30, batch_size=32,
+                       lr=3e-3,
+                       eval_every=10, progress=True, gt_points=65)
+    assert hist.best_val_rmse < hist.val_rmse[0]
+    # the ground truth used the conditioning: check against the exact flow map
+    gt = ground_truth(den, xv, T0, T1, cond=cv, points=9)
+    assert torch.allclose(gt.x_end, data.flow_map(af.LinearFlow(), xv, T0, T1, cond=cv), atol=1e-8)
+    with pytest.raises(ValueError, match="different model"):
+        fit_bespoke(den_mix(), s, xt, xv, iterations=1, progress=False)
