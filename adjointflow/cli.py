@@ -85,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="run the benchmark suites (pytest benchmarks --benchmark-only)",
-        description="Run `pytest benchmarks --benchmark-only` with this Python; extra arguments go to pytest.",
+        description="Run `pytest benchmarks --benchmark-only` with this Python; any further arguments "
+        "(e.g. -k euler) go to pytest.",
     )
-    b.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra arguments passed to pytest")
     return ap
 
 
@@ -130,7 +130,7 @@ def _cmd_bench(args) -> int:
     if not bench.is_dir():
         raise CLIError(f"no benchmarks directory at {bench} (run from a source checkout)")
     extra = list(args.pytest_args)
-    if extra and extra[0] == "--":
+    if extra[:1] == ["--"]:
         extra = extra[1:]
     cmd = [sys.executable, "-m", "pytest", str(bench), "--benchmark-only", "-p", "no:cacheprovider",
            "-o", "testpaths=benchmarks", *extra]
@@ -141,7 +141,11 @@ def _cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m adjointflow``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse exits with status 2 and a usage line on bad arguments
+    # argparse exits with status 2 and a usage line on bad arguments; only `bench` takes extra ones
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.pytest_args = extra
     import torch
 
     torch.set_num_threads(1)

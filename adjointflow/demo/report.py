@@ -86,7 +86,7 @@ def _figure(rows: int, cols: int, cell_w: float, cell_h: float):
     return plt, fig, axes
 
 
-def plot_solvers(path: Path, runs, ref_x: Tensor, ref_label: str, nfes, n_show: int) -> None:
+def plot_solvers(path: Path, runs, ref_x: Tensor, ref_label: str, nfes, n_show: int, grid: str = "") -> None:
     """Rows: the dopri5 reference then each solver; columns: NFE budgets; each cell a strip of samples."""
     names = list(dict.fromkeys(r.name for r in runs))
     plt, fig, axes = _figure(len(names) + 1, len(nfes), cell_w=0.42 * n_show, cell_h=0.62)
@@ -105,7 +105,8 @@ def plot_solvers(path: Path, runs, ref_x: Tensor, ref_label: str, nfes, n_show: 
                 continue
             axes[i, j].imshow(strip(r.x, n_show), **kw)
             axes[i, j].set_xlabel(f"RMSE {r.rmse:.3f}  ({r.nfe} NFE)", fontsize=7, labelpad=1)
-    fig.suptitle("Samples from the same latents and labels (0-9); RMSE vs the row's reference", fontsize=10)
+    fig.suptitle(f"Samples from the same latents and labels (0-9), {grid} grid; RMSE vs the row's reference "
+                 "(ODE: dopri5; SDE: the same SDE solver with many steps)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
