@@ -154,6 +154,7 @@ SOLVERS = [
     ("vp-ddim", VP, "eps", af.solvers.DDIM()),
     ("vp-dpmpp2m", VP, "eps", af.solvers.DPMSolverPP(order=2)),
     ("vp-em", VP, "eps", af.EulerMaruyama()),
+    ("vp-sde-dpmpp2m", VP, "eps", af.solvers.SDEDPMSolverPP(order=2)),
     ("flow-euler", af.LinearFlow(), "velocity", af.Euler()),
     ("flow-heun", af.LinearFlow(), "velocity", af.Heun()),
     ("flow-ddim", af.LinearFlow(), "velocity", af.solvers.DDIM()),
