@@ -202,6 +202,8 @@ def test_dps_argument_errors():
     x = torch.randn(3, 2, dtype=D)
     with pytest.raises(ValueError, match="deterministic"):
         DPS(steps=3, noise=af.BrownianNoise((3, 2), dtype=D)).run(data.denoiser(VP), obj, x)
+    with pytest.raises(ValueError, match=r"noise has shape \(4, 2\)"):
+        DPS(steps=3, solver=af.EulerMaruyama(), noise=af.BrownianNoise((4, 2), dtype=D)).run(data.denoiser(VP), obj, x)
     with pytest.raises(ValueError, match="decreasing"):
         DPS(grid=[0.1, 0.5]).run(data.denoiser(VP), obj, x)
     # rule='score' weights by g^2, infinite at t = 1 of a flow path: refuse with a fix

@@ -24,11 +24,11 @@ from torch import Tensor
 from ..adjoint import Checkpoint, ContinuousAdjoint, GradientStrategy
 from ..adjoint.equations import check_params, cond_leaves, default_params, with_cond_leaves
 from ..driver import solve
-from ..noise import BrownianNoise
 from ..solvers.base import Solver
 from ..solvers.ddim import DDIM
 from .base import (Counter, CountedDenoiser, GuidanceResult, Timer, check_nonneg_float, check_positive_int,
-                   check_run_inputs, evaluate_objective, progress_bar, sampling_grid, stack_losses)
+                   check_run_inputs, evaluate_objective, progress_bar, resolve_noise, sampling_grid,
+                   stack_losses)
 
 __all__ = ["AdjointGuidance"]
 
@@ -124,14 +124,6 @@ class AdjointGuidance:
             g = dataclasses.replace(g, params=tuple(params))
         return g
 
-    def _noise(self, x: Tensor):
-        if not self.solver.stochastic:
-            if self.noise is not None:
-                raise ValueError(f"{type(self.solver).__name__} is deterministic; it takes no noise")
-            return None
-        return self.noise if self.noise is not None else BrownianNoise(tuple(x.shape), seed=0, dtype=x.dtype,
-                                                                       device=x.device)
-
     def _loss_and_grads(self, den, objective, grid, strategy, noise, z, cond, wrt, where):
         x = solve(den, z, grid, self.solver, cond=cond, gradient=strategy, noise=noise).x
         loss = evaluate_objective(objective, x, where=where)
@@ -147,9 +139,9 @@ class AdjointGuidance:
         grid = sampling_grid(denoiser, self.steps, self.grid)
         z, c, keys, cvals, params = self._leaves(denoiser, x_init, cond)
         wrt = ([z] if "latent" in self.optimize else []) + cvals + params
+        noise = resolve_noise(self.solver, self.noise, x_init, grid)
         with torch.enable_grad():
-            loss, grads = self._loss_and_grads(denoiser, objective, grid, self._strategy(params), self._noise(x_init),
-                                               z, c, wrt, "")
+            loss, grads = self._loss_and_grads(denoiser, objective, grid, self._strategy(params), noise, z, c, wrt, "")
         out = {"loss": loss, "latent": None, "cond": None, "params": None}
         k = 0
         if "latent" in self.optimize:
@@ -169,7 +161,7 @@ class AdjointGuidance:
         grid = sampling_grid(denoiser, self.steps, self.grid)
         den = CountedDenoiser(denoiser, counter)
         z, c, keys, cvals, params = self._leaves(denoiser, x_init, cond)
-        strategy, noise = self._strategy(params), self._noise(x_init)
+        strategy, noise = self._strategy(params), resolve_noise(self.solver, self.noise, x_init, grid)
         wrt = ([z] if "latent" in self.optimize else []) + cvals + params
         opt = (torch.optim.SGD(wrt, lr=self.lr) if self.optimizer == "sgd" else torch.optim.Adam(wrt, lr=self.lr))
         saved = [p.grad for p in params]  # the optimiser reads .grad; the user's are restored afterwards

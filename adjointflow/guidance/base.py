@@ -24,7 +24,7 @@ from ..grids import timesteps, validate_grid
 from ..models import Denoiser
 
 __all__ = ["GuidanceResult", "Counter", "CountedDenoiser", "evaluate_objective", "check_run_inputs", "sampling_grid",
-           "progress_bar", "Timer"]
+           "resolve_noise", "progress_bar", "Timer"]
 
 
 @dataclass
@@ -162,6 +162,23 @@ def sampling_grid(denoiser: Denoiser, steps: int, grid) -> Tensor:
     if not bool(g[1] < g[0]):
         raise ValueError("guidance samples from noise to data: the grid must be decreasing")
     return g
+
+
+def resolve_noise(solver, noise, x: Tensor, grid: Tensor):
+    """The noise a stochastic solver draws from (default ``BrownianNoise`` seeded 0); ``None`` for ODEs."""
+    from ..noise import BrownianNoise
+
+    if not solver.stochastic:
+        if noise is not None:
+            raise ValueError(f"{type(solver).__name__} is deterministic; it takes no noise")
+        return None
+    if bool(grid[1] > grid[0]):
+        raise ValueError(f"{type(solver).__name__} integrates the reverse-time SDE and needs a decreasing grid")
+    if noise is None:
+        return BrownianNoise(tuple(x.shape), seed=0, dtype=x.dtype, device=x.device)
+    if tuple(getattr(noise, "shape", x.shape)) != tuple(x.shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but x_init has {tuple(x.shape)}")
+    return noise
 
 
 def progress_bar(enabled: bool, total: int, desc: str):

@@ -31,11 +31,11 @@ from torch import Tensor
 from ..driver import ModelCall
 from ..errors import NonFiniteError
 from ..models import Prediction
-from ..noise import BrownianNoise
 from ..solvers.base import Solver, State
 from ..solvers.euler import Euler
 from .base import (Counter, CountedDenoiser, GuidanceResult, Timer, check_nonneg_float, check_positive_int,
-                   check_run_inputs, evaluate_objective, progress_bar, sampling_grid, stack_losses)
+                   check_run_inputs, evaluate_objective, progress_bar, resolve_noise, sampling_grid,
+                   stack_losses)
 
 __all__ = ["DPS"]
 
@@ -122,14 +122,7 @@ class DPS:
         timer, counter = Timer(), Counter()
         grid = sampling_grid(denoiser, self.steps, self.grid)
         model = ModelCall(CountedDenoiser(denoiser, counter), cond)
-        solver, noise = self.solver, self.noise
-        if solver.stochastic:
-            if bool(grid[1] > grid[0]):
-                raise ValueError("stochastic solvers need a decreasing grid")
-            if noise is None:
-                noise = BrownianNoise(tuple(x_init.shape), seed=0, dtype=x_init.dtype, device=x_init.device)
-        elif noise is not None:
-            raise ValueError(f"{type(solver).__name__} is deterministic; it takes no noise")
+        solver, noise = self.solver, resolve_noise(self.solver, self.noise, x_init, grid)
         weights = [self._weight(denoiser.schedule, grid[i], grid[i + 1]) for i in range(len(grid) - 1)]
 
         losses = []
