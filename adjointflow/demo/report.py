@@ -19,21 +19,13 @@ def psnr(x: Tensor, ref: Tensor) -> float:
 
 
 def memory_meter():
-    """A context-manager factory measuring peak live tensor memory (bytes), or ``None`` if the
-    library's meter (``adjointflow.adjoint.memory``) is not available. Usage::
-
-        with meter() as m: ...
-        m.peak  # bytes
-    """
+    """The library's peak-memory meter class (:class:`adjointflow.adjoint.memory.PeakMemory`: live tensor
+    storage bytes, ``with PeakMemory() as m: ...; m.peak``), or ``None`` where it is not available."""
     try:
-        from ..adjoint import memory
+        from ..adjoint.memory import PeakMemory
     except ImportError:
         return None
-    for name in ("PeakMemory", "MemoryMeter", "TensorMemoryMeter", "peak_memory"):
-        obj = getattr(memory, name, None)
-        if obj is not None:
-            return obj
-    return None
+    return PeakMemory
 
 
 @contextlib.contextmanager
@@ -45,10 +37,7 @@ def measure_peak(meter):
         return
     with meter() as m:
         yield box
-    peak = getattr(m, "peak", None)
-    if peak is None:
-        peak = getattr(m, "peak_bytes", None)
-    box["peak"] = int(peak) if peak is not None else None
+    box["peak"] = int(m.peak)
 
 
 def fmt_bytes(n) -> str:

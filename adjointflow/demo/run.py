@@ -108,7 +108,7 @@ def run_demo(out_dir="demo_out", quick: bool = False, weights=None, progress: bo
              config: DemoConfig | None = None) -> DemoResult:
     """Run both parts of the demo, write the figures and ``results.md`` into ``out_dir``, print the tables."""
     from .inverse import make_tasks, method_factories, solve_inverse_problems
-    from .report import console_table, fmt_bytes, markdown_table, plot_inverse, plot_solvers, psnr
+    from .report import console_table, fmt_bytes, plot_inverse, plot_solvers, psnr
     from .sampling import compare_solvers, discover_solvers
 
     cfg = config if config is not None else (QUICK if quick else FULL)

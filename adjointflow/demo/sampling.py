@@ -77,12 +77,16 @@ def discover_solvers() -> tuple[list[SolverSpec], list[str]]:
         except (TypeError, ValueError):
             params = {}
         variants = [{"order": k} for k in VARIANT_ORDERS] if "order" in params else [{}]
+        built, errors = 0, []
         for kw in variants:
             label = name + ("(" + ", ".join(f"{k}={v}" for k, v in kw.items()) + ")" if kw else "")
             try:
                 specs.append(SolverSpec(label, cls(**kw)))
+                built += 1
             except (TypeError, ValueError, NotImplementedError) as exc:
-                notes.append(f"{label}: skipped (cannot be built with defaults: {exc})")
+                errors.append(f"{label}: {exc}")
+        if not built:  # an order a class does not offer is not a skipped solver; a class never built is
+            notes.append(f"{name}: skipped (cannot be built with defaults: {'; '.join(errors)})")
     return specs, notes
 
 
