@@ -47,6 +47,14 @@ class EulerMaruyama(Solver):
         dw = noise(t, t_next).to(device=x.device, dtype=x.dtype)
         return State(x + (f * x + g2_over_sigma * eps) * dt + g * dw)
 
+    def adjoint_step(self, model, adj, grid, i):
+        """Euler on the SDE adjoint ``da/dt = -(dF/dx)^T a`` with ``F = 2u - f x`` (the reverse drift;
+        additive noise adds no Jacobian term, so the adjoint is an ODE along the recorded forward path;
+        Blasingame & Liu 2024, Thm 3.1). Order 1, see :func:`~adjointflow.solvers.euler.euler_adjoint_step`."""
+        from .euler import euler_adjoint_step
+
+        return euler_adjoint_step(model, adj, grid, i)
+
 
 @dataclass(frozen=True)
 class SDEDPMSolverPP(ExponentialIntegrator):

@@ -139,7 +139,7 @@ class GaussianData(nn.Module):
 
         Returns ``(mean, cov)`` with ``mean = m + S A^T (A S A^T + sigma_y^2 I)^{-1} (y - A m)``.
         """
-        m = self._mu(self.mean.detach(), cond).reshape(-1).to(A.dtype)
+        m = self._mu(self.mean, cond).detach().reshape(-1).to(A.dtype)
         cov = torch.diag((self.std.detach() ** 2).expand(self.mean.shape).reshape(-1).to(A.dtype))
         return linear_gaussian_posterior(m, cov, A, y, sigma_y)
 
