@@ -207,7 +207,7 @@ class VPDiscrete(NoiseSchedule):
     discrete-time models). The model's own timestep is ``k(t) = N t - 1`` (:meth:`timestep`).
     """
 
-    alphas_cumprod: Tensor = field(default=None)
+    alphas_cumprod: Tensor = field(default=None, repr=False)
     variance_preserving: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -225,6 +225,9 @@ class VPDiscrete(NoiseSchedule):
         object.__setattr__(self, "alphas_cumprod", ac)
         object.__setattr__(self, "_t", torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64))
         object.__setattr__(self, "_la", torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(ac)]))
+
+    def __repr__(self):
+        return f"VPDiscrete(<{self.num_train_timesteps} alphas_cumprod>)"
 
     @property
     def num_train_timesteps(self) -> int:

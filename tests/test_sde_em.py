@@ -54,3 +54,14 @@ def test_same_seed_same_result_and_other_seed_differs():
     assert torch.equal(a, b) and not torch.allclose(a, c)
     # the default noise is seeded too
     assert torch.equal(solve(den, x, g, EulerMaruyama()).x, solve(den, x, g, EulerMaruyama()).x)
+
+
+def test_singular_reverse_sde_is_a_clear_error():
+    import pytest
+
+    from adjointflow import LinearFlow
+
+    d = GaussianData(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    den = d.denoiser(LinearFlow(), "velocity")
+    with pytest.raises(ValueError, match="singular at t=1"):
+        solve(den, torch.randn(3, 2, dtype=torch.float64), timesteps(LinearFlow(), 5), EulerMaruyama())

@@ -40,6 +40,12 @@ from .equations import ADJOINT_FORMS, AdjointModel, AdjointState
 __all__ = ["adjoint_deis_step", "exponential_adjoint_step"]
 
 
+def _c(sigma, lam, nu: float):
+    """Data-form integrating factor ``c = sigma e^{-(nu-1) lambda}``: ``sigma`` for the ODE (no ``0 * inf``
+    at ``lambda = -inf``), ``sigma^2/alpha`` for the SDE."""
+    return sigma if nu == 1.0 else sigma * torch.exp(-(nu - 1) * lam)
+
+
 def _lin(coef, ts):
     return tuple(coef.to(dtype=v.dtype, device=v.device) * v for v in ts)
 
@@ -67,7 +73,7 @@ def _frozen(form: str, kind: str, sch, tau, a, vx, vin, nu: float):
     if kind == "eps":  # J_x0 = (I - sigma J_eps)/alpha
         vx = (a - sigma.to(dt) * vx) / alpha.to(dt)
         vin = _lin(-sigma / alpha, vin)
-    c = sigma * torch.exp(-(nu - 1) * lam)
+    c = _c(sigma, lam, nu)
     return (c**2).to(dt) * vx, _lin(c, vin)
 
 
@@ -103,12 +109,11 @@ def adjoint_deis_step(model: AdjointModel, adj: AdjointState, grid, i: int, *, f
         cin = nu * sigma_s / alpha_s * torch.expm1(h)
         cx = cin / alpha_s
     else:
-        c_t = sigma_t * torch.exp(-(nu - 1) * lam_t)
-        c_s = sigma_s * torch.exp(-(nu - 1) * lam_s)
+        c_t, c_s = _c(sigma_t, lam_t, nu), _c(sigma_s, lam_s, nu)
         cin = -torch.exp(nu * lam_t) * torch.expm1(nu * h)
         lin, cx = c_t / c_s, cin / c_s
     Dx, Din = Vx, Vin
-    if order == 2 and adj.history:
+    if order == 2 and adj.history and bool(torch.isfinite(h)):  # a step from a singular end is first order
         r = grid[i + 2]
         n_in = len(vin)
         a_r, vx_r, vin_r = adj.history[0], adj.history[1], adj.history[2:2 + n_in]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from .base import Solver, State
 from .exponential import (
     SOLVER_TYPES,
@@ -39,8 +41,13 @@ class EulerMaruyama(Solver):
         t, t_next = grid[i], grid[i + 1]
         sch, x = model.schedule, state.x
         eps = model(x, t).eps
-        f = sch.f(t).to(x.dtype)
-        g2 = sch.g2(t)
+        f, g2 = sch.f(t), sch.g2(t)
+        if not (torch.isfinite(f) and torch.isfinite(g2)):
+            raise ValueError(
+                f"EulerMaruyama: the reverse SDE is singular at t={float(t):.6g} (f={float(f)}, g^2={float(g2)}; "
+                "e.g. alpha = 0 at t = 1 of LinearFlow); start the grid below it (t_start=0.999) or use SDEDPMSolverPP"
+            )
+        f = f.to(x.dtype)
         g2_over_sigma = (g2 / sch.sigma(t)).to(x.dtype)
         g = g2.sqrt().to(x.dtype)
         dt = (t_next - t).to(x.dtype)
