@@ -6,7 +6,7 @@ A bespoke solver is a base Runge--Kutta method (RK1 = Euler, RK2 = explicit midp
     dxbar/dr = ubar_r(xbar) = (sdot_r / s_r) xbar + tdot_r s_r u(xbar / s_r, t_r),
 
 with ``u = dx/dt`` the model's PF-ODE drift. One base step of size ``h = 1/n`` in ``r``, mapped back to
-``x``, is (paper Eqs. 17/19/20; ``i+1/2`` marks the midpoint stage):
+``x``, is (``i+1/2`` marks the midpoint stage; derived here from the transformed ODE):
 
 * RK1: ``x_{i+1} = (s_i + h sdot_i)/s_{i+1} x_i + h tdot_i s_i / s_{i+1} u(x_i, t_i)``
 * RK2: ``z = (s_i + h sdot_i/2) x_i + h/2 tdot_i s_i u(x_i, t_i)``  (``xbar`` at ``r_{i+1/2}``),
@@ -284,7 +284,7 @@ class BespokeSolver(nn.Module, Solver):
 
     def lipschitz(self, c: dict, lip_u: float = 1.0) -> Tensor:
         """Per-step Lipschitz bounds ``L_i`` of the step map in ``x`` given ``Lip(u) <= lip_u``
-        (paper Sec. 3.3): RK1 ``L_i = s_i/s_{i+1} (1 + h Lbar_i)``, RK2
+        (the paper's RMSE bound): RK1 ``L_i = s_i/s_{i+1} (1 + h Lbar_i)``, RK2
         ``L_i = s_i/s_{i+1} (1 + h Lbar_m (1 + h Lbar_i / 2))``, ``h Lbar = h|sdot|/s + |h tdot| lip_u``."""
         s = c["s"]
         hl = c["hsdot"].abs() / s[:-1] + c["dt"].abs() * lip_u

@@ -1,4 +1,4 @@
-"""Training a :class:`~adjointflow.solvers.bespoke.BespokeSolver` for one model (Shaul et al. 2024, Sec. 3).
+"""Training a :class:`~adjointflow.solvers.bespoke.BespokeSolver` for one model (Shaul et al. 2024).
 
 Ground truth: the model's PF-ODE solved once per noise sample by ``torchdiffeq``'s dopri5 at a tight
 tolerance, stored on a dense uniform grid together with the drift there, and read at any time by
@@ -115,7 +115,8 @@ def _gt_key(fp, x, cond, t_start, t_end, rtol, atol, points) -> str:
 def ground_truth(denoiser, x: Tensor, t_start: float, t_end: float, *, cond=None, rtol: float = 1e-10,
                  atol: float = 1e-10, points: int = 257, cache=None) -> GroundTruth:
     """Solve the PF-ODE ``dx/dt = u(x, t)`` from ``x`` at ``t_start`` to ``t_end`` with dopri5
-    (``torchdiffeq.odeint``) and keep ``x`` and ``u`` at ``points`` uniformly spaced times.
+    (``torchdiffeq.odeint``; no step passes ``t_end``) and keep ``x`` and ``u`` at ``points`` uniformly
+    spaced times. Tolerances are absolute/relative in ``x``'s dtype: use float64 for tight ones.
 
     ``cache`` (a file path) stores the result and reuses it when model fingerprint, samples,
     interval, tolerances and ``points`` all match.
@@ -152,7 +153,9 @@ def ground_truth(denoiser, x: Tensor, t_start: float, t_end: float, *, cond=None
 
     start = time.perf_counter()
     with torch.no_grad():
-        xs = odeint(f, x, times.to(x.device), method="dopri5", rtol=rtol, atol=atol)
+        # step_t: land a step exactly on t_end, so no stage evaluates the model beyond it (past t = 0)
+        xs = odeint(f, x, times.to(x.device), method="dopri5", rtol=rtol, atol=atol,
+                    options={"step_t": times[-1:].to(x.device)})
         us = torch.stack([denoiser(xs[k], times[k], cond).velocity for k in range(points)])
     if not bool(torch.isfinite(xs).all()) or not bool(torch.isfinite(us).all()):
         raise ValueError("the ground-truth solve produced NaN/Inf; move t_end away from a singular end of the schedule")
@@ -250,7 +253,7 @@ def fit_bespoke(
     gt_cache: tuple | None = None,
     progress: bool = True,
 ) -> BespokeHistory:
-    """Train ``solver`` in place for ``denoiser`` with Adam (Shaul et al. 2024, Alg. 2).
+    """Train ``solver`` in place for ``denoiser`` with Adam (the training loop of Shaul et al. 2024).
 
     ``train`` / ``val``: start samples at ``t_start`` (tensors ``(N, *dims)``, e.g. prior noise) or
     precomputed :class:`GroundTruth` (reused as is); the two sets must not share a sample. ``t_start`` /
