@@ -13,7 +13,7 @@ from .grids import validate_grid
 from .models import Denoiser, Prediction
 from .solvers.base import Solver, State
 
-__all__ = ["solve", "Solution", "StepInfo", "Problem", "ModelCall", "integrate"]
+__all__ = ["solve", "Solution", "StepInfo", "Problem", "ModelCall", "integrate", "resolve_noise"]
 
 
 @dataclass
@@ -120,6 +120,7 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
                     if not isinstance(out, Tensor) or out.shape != new.x.shape:
                         raise ValueError("a solve callback must return None or a tensor shaped like x")
                     new = new.with_x(out)
+            _check_finite(new.x, i, grid[i + 1])
             state = new
             if trajectory is not None:
                 trajectory.append(state.x)
@@ -130,9 +131,6 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
     finally:
         if bar is not None:
             bar.close()
-    if stop > start:
-        # network outputs are checked at every call; this catches a solver update that overflowed
-        _check_finite(state.x, stop - 1, grid[stop])
     return state
 
 
@@ -153,6 +151,30 @@ def _check_cond(cond, x: Tensor, name: str = "cond") -> None:
         raise ValueError(f"{name} is on device {cond.device} but x is on device {x.device}")
     if cond.is_floating_point() and cond.dtype != x.dtype:
         raise TypeError(f"{name} has dtype {cond.dtype} but x has {x.dtype}; cast one of them")
+
+
+def resolve_noise(solver: Solver, noise, x: Tensor, grid: Tensor, name: str = "x"):
+    """The noise a stochastic solver draws from (default: ``BrownianNoise`` seeded 0), checked against the
+    state's shape, dtype and device; ``None`` for deterministic solvers (which refuse a noise)."""
+    from .noise import BrownianNoise
+
+    if not solver.stochastic:
+        if noise is not None:
+            raise ValueError(f"{type(solver).__name__} is deterministic; it takes no noise")
+        return None
+    if bool(grid[1] > grid[0]):
+        raise ValueError(f"{type(solver).__name__} integrates the reverse-time SDE and needs a decreasing grid")
+    if noise is None:
+        return BrownianNoise(tuple(x.shape), seed=0, dtype=x.dtype, device=x.device)
+    if not callable(noise):
+        raise TypeError(f"noise must be a BrownianNoise (callable as noise(t, t_next)), got {type(noise).__name__}")
+    if tuple(getattr(noise, "shape", x.shape)) != tuple(x.shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but {name} has {tuple(x.shape)}")
+    if getattr(noise, "dtype", x.dtype) != x.dtype:
+        raise TypeError(f"noise has dtype {noise.dtype} but {name} has {x.dtype}; build it with dtype={x.dtype}")
+    if torch.device(getattr(noise, "device", x.device)) != x.device:
+        raise ValueError(f"noise is on device {noise.device} but {name} is on device {x.device}")
+    return noise
 
 
 def solve(
@@ -181,7 +203,6 @@ def solve(
     and time if the model returns NaN/Inf.
     """
     from .adjoint.strategies import Backprop, GradientStrategy
-    from .noise import BrownianNoise
 
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be an adjointflow.Denoiser, got {type(denoiser).__name__}")
@@ -202,15 +223,7 @@ def solve(
         raise TypeError(f"gradient must be an instance, e.g. {gradient.__name__}(), not the class itself")
     if not isinstance(gradient, GradientStrategy):
         raise TypeError(f"gradient must be a gradient strategy (Backprop(), Checkpoint(), ...), got {gradient!r}")
-    if solver.stochastic:
-        if bool(grid[1] > grid[0]):
-            raise ValueError(f"{type(solver).__name__} integrates the reverse-time SDE and needs a decreasing grid")
-        if noise is None:
-            noise = BrownianNoise(tuple(x.shape), seed=0, dtype=x.dtype, device=x.device)
-        if getattr(noise, "shape", tuple(x.shape)) != tuple(x.shape):
-            raise ValueError(f"noise has shape {noise.shape} but x has {tuple(x.shape)}")
-    elif noise is not None:
-        raise ValueError(f"{type(solver).__name__} is deterministic; it takes no noise")
+    noise = resolve_noise(solver, noise, x, grid)
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
     problem = Problem(denoiser, x, grid, solver, cond, noise, callback, save_trajectory, progress)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .schedules import NoiseSchedule, as_time
 
-__all__ = ["Denoiser", "Prediction", "ClassifierFreeGuidance", "PREDICTIONS", "convert"]
+__all__ = ["Denoiser", "Prediction", "ClassifierFreeGuidance", "PREDICTIONS", "convert", "from_pair", "Coefficients"]
 
 PREDICTIONS = ("eps", "x0", "v", "velocity", "score")
 
@@ -43,9 +43,25 @@ class Coefficients:
         return Coefficients(*(v.to(dtype=like.dtype, device=like.device) for v in vals))
 
 
+def _require_nonzero(coef: Tensor, name: str, kind: str) -> None:
+    # At a singular end of the path (alpha = 0 at t = 1 of LinearFlow/VPCosine, sigma = 0 at t = 0 of a VP
+    # path) some conversions divide by zero: say so instead of letting NaN/Inf into the state.
+    if bool((coef == 0).any()):
+        end = "alpha = 0 (the noise end, t = 1)" if name == "alpha" else "sigma = 0 (the data end, t = 0)"
+        raise ValueError(
+            f"cannot convert a {kind!r} prediction where {end}: the conversion divides by {name}. "
+            f"Move the grid's end off that time (e.g. t_start=0.999 / t_end=1e-3) or use a model whose "
+            f"prediction type is finite there (velocity, v or x0 at alpha = 0; eps at sigma = 0)"
+        )
+
+
 def _pair(raw: Tensor, kind: str, x: Tensor, c: Coefficients) -> tuple[Tensor, Tensor]:
     """Return ``(x0_hat, eps_hat)`` from a model output of type ``kind``."""
     a, s, da, ds = c.alpha, c.sigma, c.dalpha, c.dsigma
+    if kind in ("eps", "score"):
+        _require_nonzero(a, "alpha", kind)
+    elif kind == "x0":
+        _require_nonzero(s, "sigma", kind)
     if kind == "eps":
         return (x - s * raw) / a, raw
     if kind == "x0":
@@ -69,6 +85,11 @@ def convert(raw: Tensor, kind: str, target: str, x: Tensor, coeffs: Coefficients
     if target == kind:
         return raw
     x0, eps = _pair(raw, kind, x, coeffs)
+    return from_pair(x0, eps, target, coeffs)
+
+
+def from_pair(x0: Tensor, eps: Tensor, target: str, coeffs: Coefficients) -> Tensor:
+    """Any prediction type from ``(x0_hat, eps_hat)`` (affine; see the module docstring)."""
     a, s, da, ds = coeffs.alpha, coeffs.sigma, coeffs.dalpha, coeffs.dsigma
     if target == "x0":
         return x0
@@ -78,7 +99,10 @@ def convert(raw: Tensor, kind: str, target: str, x: Tensor, coeffs: Coefficients
         return a * eps - s * x0
     if target == "velocity":
         return da * x0 + ds * eps
-    return -eps / s  # score
+    if target == "score":
+        _require_nonzero(s, "sigma", "score")
+        return -eps / s
+    raise ValueError(f"unknown prediction type {target!r}; choose one of {PREDICTIONS}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +123,7 @@ class Prediction:
         return Coefficients.at(self.source, self.t, self.x)
 
     def as_(self, target: str) -> Tensor:
+        """This evaluation as prediction type ``target`` (exact affine conversion)."""
         if target == self.kind:
             return self.raw
         return convert(self.raw, self.kind, target, self.x, self.coeffs)
@@ -131,6 +156,7 @@ class Denoiser(nn.Module):
 
     ``Denoiser(net, schedule, prediction, net_time=None, noise_at_zero=False)``
 
+    The output is cast to the state's dtype (so a network under autocast cannot change it).
     The network is called as ``net(x, t_net)``, ``net(x, t_net, cond)`` for a tensor ``cond`` or
     ``net(x, t_net, **cond)`` for a dict, with ``t_net = net_time(t)`` of shape ``(batch,)`` in the
     state's dtype (``net_time`` defaults to the identity; e.g. ``lambda t: 999 * t`` for a model
@@ -203,6 +229,11 @@ class Denoiser(nn.Module):
                 raise TypeError(f"network returned {type(out).__name__}, expected a tensor")
         if out.shape != x.shape:
             raise ValueError(f"network returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}")
+        if not out.is_floating_point():
+            raise TypeError(f"network returned dtype {out.dtype}; expected a floating-point tensor")
+        if out.dtype != x.dtype:
+            # e.g. a network under autocast: the state keeps the user's dtype (DESIGN §2)
+            out = out.to(x.dtype)
         if self.noise_at_zero and self.prediction == "velocity":
             out = -out
         return out
@@ -213,15 +244,19 @@ class Denoiser(nn.Module):
 
     # convenience single-type accessors (one network call each)
     def eps(self, x, t, cond=None) -> Tensor:
+        """Noise prediction ``E[eps | x_t]`` (one network call)."""
         return self(x, t, cond).eps
 
     def x0(self, x, t, cond=None) -> Tensor:
+        """Data prediction ``E[x_0 | x_t]`` (one network call)."""
         return self(x, t, cond).x0
 
     def velocity(self, x, t, cond=None) -> Tensor:
+        """PF-ODE drift ``dx/dt`` (one network call)."""
         return self(x, t, cond).velocity
 
     def score(self, x, t, cond=None) -> Tensor:
+        """Score ``grad log p_t(x)`` (one network call)."""
         return self(x, t, cond).score
 
     @classmethod

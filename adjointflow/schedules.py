@@ -40,6 +40,11 @@ def _log_sigma_vp(log_alpha: Tensor) -> Tensor:
     return 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
 
 
+def _dlog_sigma_vp(log_alpha: Tensor, dlog_alpha: Tensor) -> Tensor:
+    # d/dt 0.5 log(1 - alpha^2) = -alpha^2/sigma^2 * dlog_alpha
+    return -torch.exp(2 * log_alpha) / (-torch.expm1(2 * log_alpha)) * dlog_alpha
+
+
 def _clamp_log_alpha(la: Tensor) -> Tensor:
     # a difference of logs can round to +1e-17 at t = 0; alpha <= 1 on a VP path
     return torch.clamp(la, max=0.0)
@@ -70,22 +75,28 @@ class NoiseSchedule:
 
     # --- primitives -----------------------------------------------------------------------
     def log_alpha(self, t) -> Tensor:
+        """``log alpha(t)`` (float64)."""
         raise NotImplementedError
 
     def log_sigma(self, t) -> Tensor:
+        """``log sigma(t)`` (float64)."""
         raise NotImplementedError
 
     def dlog_alpha_dt(self, t) -> Tensor:
+        """``d log alpha / dt``."""
         raise NotImplementedError
 
     def dlog_sigma_dt(self, t) -> Tensor:
+        """``d log sigma / dt``."""
         raise NotImplementedError
 
     # --- derived --------------------------------------------------------------------------
     def alpha(self, t) -> Tensor:
+        """Signal scale ``alpha(t)``."""
         return torch.exp(self.log_alpha(t))
 
     def sigma(self, t) -> Tensor:
+        """Noise scale ``sigma(t)``."""
         return torch.exp(self.log_sigma(t))
 
     def log_snr(self, t) -> Tensor:
@@ -93,12 +104,15 @@ class NoiseSchedule:
         return self.log_alpha(t) - self.log_sigma(t)
 
     def dalpha_dt(self, t) -> Tensor:
+        """``d alpha / dt``."""
         return self.alpha(t) * self.dlog_alpha_dt(t)
 
     def dsigma_dt(self, t) -> Tensor:
+        """``d sigma / dt``."""
         return self.sigma(t) * self.dlog_sigma_dt(t)
 
     def dlog_snr_dt(self, t) -> Tensor:
+        """``d lambda / dt`` (negative)."""
         return self.dlog_alpha_dt(t) - self.dlog_sigma_dt(t)
 
     def f(self, t) -> Tensor:
@@ -150,9 +164,7 @@ class VPLinear(NoiseSchedule):
         return _log_sigma_vp(self.log_alpha(t))
 
     def dlog_sigma_dt(self, t):
-        # d/dt 0.5 log(1 - alpha^2) = -alpha^2/sigma^2 * dlog_alpha
-        la = self.log_alpha(t)
-        return -torch.exp(2 * la) / (-torch.expm1(2 * la)) * self.dlog_alpha_dt(t)
+        return _dlog_sigma_vp(self.log_alpha(t), self.dlog_alpha_dt(t))
 
     def t_from_log_snr(self, lam):
         c = -_log_alpha_vp_from_lambda(as_time(lam))  # = (b1-b0) t^2/4 + b0 t/2 >= 0
@@ -165,37 +177,39 @@ class VPLinear(NoiseSchedule):
 class VPCosine(NoiseSchedule):
     """Cosine VP schedule (Nichol & Dhariwal 2021): ``alpha = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s))``.
 
-    ``alpha(1) = 0`` makes ``lambda(1) = -inf``, so grids start at ``t_start = 0.9946`` as in
-    DPM-Solver's reference implementation.
+    Evaluated as ``sin(pi/2 (1-t)/(1+s))`` so that ``alpha(1) = 0`` exactly (``cos(pi/2)`` rounds to
+    6e-17, which would give a finite ``lambda(1) = -37`` and catastrophic ``alpha_t/alpha_s`` ratios).
+    ``lambda(1) = -inf``, so grids start at ``t_start = 0.9946`` by default, as in DPM-Solver's
+    reference implementation.
     """
 
     s: float = 0.008
     t_start: ClassVar[float] = 0.9946
     variance_preserving: ClassVar[bool] = True
 
-    def _theta(self, t):
-        return 0.5 * math.pi * (as_time(t) + self.s) / (1.0 + self.s)
+    def _phi(self, t):
+        # complementary angle: cos(pi/2 (t+s)/(1+s)) = sin(pi/2 (1-t)/(1+s)), exactly 0 at t = 1
+        return 0.5 * math.pi * (1.0 - as_time(t)) / (1.0 + self.s)
 
     def log_alpha(self, t):
         return _clamp_log_alpha(
-            torch.log(torch.cos(self._theta(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
+            torch.log(torch.sin(self._phi(t))) - math.log(math.cos(0.5 * math.pi * self.s / (1 + self.s)))
         )
 
     def dlog_alpha_dt(self, t):
-        return -torch.tan(self._theta(t)) * 0.5 * math.pi / (1.0 + self.s)
+        return -0.5 * math.pi / (1.0 + self.s) / torch.tan(self._phi(t))
 
     def log_sigma(self, t):
         return _log_sigma_vp(self.log_alpha(t))
 
     def dlog_sigma_dt(self, t):
-        la = self.log_alpha(t)
-        return -torch.exp(2 * la) / (-torch.expm1(2 * la)) * self.dlog_alpha_dt(t)
+        return _dlog_sigma_vp(self.log_alpha(t), self.dlog_alpha_dt(t))
 
     def t_from_log_snr(self, lam):
         la = _log_alpha_vp_from_lambda(as_time(lam))
         c0 = math.cos(0.5 * math.pi * self.s / (1 + self.s))
-        theta = torch.arccos(torch.exp(la) * c0)
-        return theta * 2.0 * (1.0 + self.s) / math.pi - self.s
+        phi = torch.arcsin(torch.exp(la) * c0)
+        return torch.clamp(1.0 - phi * 2.0 * (1.0 + self.s) / math.pi, 0.0, 1.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,8 +271,7 @@ class VPDiscrete(NoiseSchedule):
         return _log_sigma_vp(self.log_alpha(t))
 
     def dlog_sigma_dt(self, t):
-        la = self.log_alpha(t)
-        return -torch.exp(2 * la) / (-torch.expm1(2 * la)) * self.dlog_alpha_dt(t)
+        return _dlog_sigma_vp(self.log_alpha(t), self.dlog_alpha_dt(t))
 
     def t_from_log_snr(self, lam):
         la = _log_alpha_vp_from_lambda(as_time(lam))

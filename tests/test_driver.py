@@ -167,3 +167,40 @@ def test_cond_reaches_the_network_and_sets_the_mean(setup):
     out.sum().backward()
     ex = data.flow_map_grads(sch, x, g[0], g[-1], torch.ones_like(x), cond=cond.detach())
     assert torch.allclose(cond.grad, ex["cond"], rtol=1e-4)
+
+
+def test_noise_dtype_and_type_checked(setup):
+    sch, data, den = setup
+    x = torch.randn(2, 4, dtype=torch.float64)
+    g = timesteps(sch, 4)
+    with pytest.raises(TypeError, match="dtype"):
+        solve(den, x, g, EulerMaruyama(), noise=af.BrownianNoise((2, 4), dtype=torch.float32))
+    with pytest.raises(TypeError, match="BrownianNoise"):
+        solve(den, x, g, EulerMaruyama(), noise=3)
+
+
+def test_network_output_dtype_is_cast_to_the_state_dtype():
+    class Half(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x, dtype=torch.float16)
+
+    den = Denoiser(Half(), VPLinear(), "eps")
+    out = solve(den, torch.randn(2, 3), timesteps(VPLinear(), 3), Euler()).x
+    assert out.dtype == torch.float32
+
+    class Ints(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.zeros_like(x, dtype=torch.long)
+
+    with pytest.raises(TypeError, match="floating"):
+        solve(Denoiser(Ints(), VPLinear(), "eps"), torch.randn(2, 3), timesteps(VPLinear(), 3), Euler())
+
+
+@pytest.mark.parametrize("solver", [Euler(), Heun(), EulerMaruyama()], ids=lambda s: type(s).__name__)
+def test_eps_model_at_alpha_zero_is_a_clear_error(solver):
+    # eps -> velocity divides by alpha, which is 0 at t = 1 of a flow path: a clear error, not NaN
+    from adjointflow import LinearFlow
+
+    den = GaussianData(torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)).denoiser(LinearFlow(), "eps")
+    with pytest.raises(ValueError, match="alpha = 0"):
+        solve(den, torch.randn(3, 2, dtype=torch.float64), timesteps(LinearFlow(), 4), solver)

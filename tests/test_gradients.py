@@ -246,8 +246,11 @@ def test_errors():
         ContinuousAdjoint(params=[1.0])
     with pytest.raises(ValueError, match="needs x_start"):
         adjoint(af.Euler(), den, grid, x_end, w, gradient=Checkpoint())
+    class NoAdjoint(af.Euler):  # a solver that defines no adjoint_step of its own
+        adjoint_step = af.Solver.adjoint_step
+
     with pytest.raises(ValueError, match="no continuous-adjoint step"):
-        af.solve(den, x.requires_grad_(), grid, af.EulerMaruyama(), gradient=ContinuousAdjoint())
+        af.solve(den, x.requires_grad_(), grid, NoAdjoint(), gradient=ContinuousAdjoint())
     with pytest.raises(ValueError, match="stochastic"):
         adjoint(SDEDPMSolverPP(), den, grid, x_end, w)
     with pytest.raises(ValueError, match="trajectory"):

@@ -38,8 +38,9 @@ def test_continuous_adjoint_converges_at_order_one():
     assert errs[-1] < 0.05, errs
 
 
-def test_gradient_depends_on_the_brownian_path():
-    # std enters the SDE's path-dependent part: another path gives another gradient (the noise is replayed, not redrawn)
+def test_different_brownian_paths_give_different_gradients():
+    # std enters the SDE's path-dependent part, so the gradient is a property of the path that was run
+    # (replaying that path in the backward pass is tested with the explicit adjoint API in test_gradients_adjoint.py)
     a, b = grads(Checkpoint(), 30, seed=3), grads(Checkpoint(), 30, seed=4)
     assert not torch.allclose(a, b)
 

@@ -74,18 +74,27 @@ def test_denoiser_passes_cond_and_time():
 
 
 def test_noise_at_zero_flips_time_and_velocity_sign():
-    # A Lipman-convention flow model (t'=0 noise, t'=1 data) must give our velocity after the flip.
-    sch = LinearFlow()
-    data = GaussianData(torch.tensor([1.0]), torch.tensor([0.5]))
-    ours = data.denoiser(sch, "velocity")
+    # An independent Lipman-convention flow model (t'=0 noise, t'=1 data, x_t' = t' x1 + (1-t') x0 with data x1 ~
+    # N(m, s^2) and noise x0 ~ N(0, 1)): u'(x, t') = E[x1 - x0 | x_t' = x] written from scratch in t'.
+    m, s2 = 1.0, 0.25
 
     class Lipman(torch.nn.Module):
         def forward(self, x, tp):
-            return -ours.raw(x, 1 - tp)  # u' = dx/dt' = -dx/dt
+            tp = tp[:, None]
+            var = tp**2 * s2 + (1 - tp) ** 2
+            e_x1 = m + tp * s2 / var * (x - tp * m)
+            e_x0 = (1 - tp) * (x - tp * m) / var
+            return e_x1 - e_x0
 
+    sch = LinearFlow()
+    ours = GaussianData(torch.tensor([m], dtype=torch.float64), torch.tensor([s2**0.5], dtype=torch.float64)).denoiser(
+        sch, "velocity")
     theirs = Denoiser(Lipman(), sch, "velocity", noise_at_zero=True)
     x = torch.tensor([[0.3], [-1.2]], dtype=torch.float64)
-    assert torch.allclose(theirs(x, 0.3).velocity, ours(x, 0.3).velocity, atol=1e-14)
+    for t in (0.1, 0.3, 0.9):
+        assert torch.allclose(theirs(x, t).velocity, ours(x, t).velocity, atol=1e-14)
+    # without the flag the same network is wrong (the test can fail)
+    assert not torch.allclose(Denoiser(Lipman(), sch, "velocity")(x, 0.3).velocity, ours(x, 0.3).velocity)
 
 
 def test_denoiser_validation():

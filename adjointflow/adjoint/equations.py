@@ -169,7 +169,7 @@ def integrate_adjoint(solver, model: AdjointModel, grid: Tensor, grad_end: Tenso
     adj = model.zero_state(grad_end)
     for i in reversed(range(len(grid) - 1)):
         adj = solver.adjoint_step(model, adj, grid, i)
-        if not bool(torch.isfinite(adj.a).all()):
+        if not (bool(torch.isfinite(adj.a).all()) and all(bool(torch.isfinite(v).all()) for v in adj.inputs)):
             raise NonFiniteError(
                 f"the adjoint became NaN/Inf at step {i} (t={float(grid[i]):.6g}); with few steps try "
                 "form='x0' (AdjointDEIS data form) or gradient=Checkpoint()", step=i, t=float(grid[i]))

@@ -165,20 +165,10 @@ def sampling_grid(denoiser: Denoiser, steps: int, grid) -> Tensor:
 
 
 def resolve_noise(solver, noise, x: Tensor, grid: Tensor):
-    """The noise a stochastic solver draws from (default ``BrownianNoise`` seeded 0); ``None`` for ODEs."""
-    from ..noise import BrownianNoise
+    """The noise a stochastic solver draws from (see :func:`adjointflow.driver.resolve_noise`)."""
+    from ..driver import resolve_noise as _resolve
 
-    if not solver.stochastic:
-        if noise is not None:
-            raise ValueError(f"{type(solver).__name__} is deterministic; it takes no noise")
-        return None
-    if bool(grid[1] > grid[0]):
-        raise ValueError(f"{type(solver).__name__} integrates the reverse-time SDE and needs a decreasing grid")
-    if noise is None:
-        return BrownianNoise(tuple(x.shape), seed=0, dtype=x.dtype, device=x.device)
-    if tuple(getattr(noise, "shape", x.shape)) != tuple(x.shape):
-        raise ValueError(f"noise has shape {tuple(noise.shape)} but x_init has {tuple(x.shape)}")
-    return noise
+    return _resolve(solver, noise, x, grid, name="x_init")
 
 
 def progress_bar(enabled: bool, total: int, desc: str):

@@ -34,14 +34,17 @@ class State:
     history: tuple[Tensor, ...] = ()
 
     def tensors(self) -> tuple[Tensor, ...]:
+        """``(x, *history)``: the state as a flat tuple (what gradient strategies store and differentiate)."""
         return (self.x, *self.history)
 
     @staticmethod
     def from_tensors(ts) -> "State":
+        """Inverse of :meth:`tensors`."""
         ts = tuple(ts)
         return State(ts[0], ts[1:])
 
     def with_x(self, x: Tensor) -> "State":
+        """The same state with its sample replaced (history kept)."""
         return replace(self, x=x)
 
 

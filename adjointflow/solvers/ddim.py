@@ -22,7 +22,8 @@ class DDIM(ExponentialIntegrator):
     * ``prediction="eps"`` (noise form): ``x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_hat``
     * ``prediction="x0"`` (data form):  ``x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) x0_hat``
 
-    They differ only by rounding; ``prediction`` tells the continuous adjoint which form to mirror.
+    They differ only by rounding. (The continuous adjoint's form is chosen by
+    ``ContinuousAdjoint(form=...)``, independently of this field.)
     Steps from ``alpha = 0`` (``t = 1`` of LinearFlow) and to ``sigma = 0`` (denoise to ``t = 0``)
     take their exact limits (see :mod:`adjointflow.solvers.exponential`). Global order 1.
     """

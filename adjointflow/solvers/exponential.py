@@ -249,8 +249,10 @@ class ExponentialIntegrator(Solver):
     """Base class of exponential integrators in ``lambda = log(alpha/sigma)``.
 
     Subclasses say which exact form they discretise through :attr:`prediction` (``"x0"``: data form,
-    DPM-Solver++; ``"eps"``: noise form, DPM-Solver/DEIS), so the continuous adjoint
-    (AdjointDEIS, Blasingame & Liu 2024) can use the matching adjoint form. Multistep history
+    DPM-Solver++; ``"eps"``: noise form, DPM-Solver/DEIS). The continuous adjoint (AdjointDEIS,
+    Blasingame & Liu 2024) picks its own form with ``ContinuousAdjoint(form=...)``. ``nfe_per_step``
+    is nominal: a singlestep warm-up or a final step changes the real count, which ``solve`` reports
+    exactly in ``Solution.nfe``. Multistep history
     (previous predictions, newest first) lives in :class:`State`; a step is a pure function of
     ``(state, grid, i, noise)``.
     """

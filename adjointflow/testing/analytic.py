@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..models import PREDICTIONS, Coefficients, Denoiser, convert
+from ..models import PREDICTIONS, Coefficients, Denoiser, from_pair
 from ..schedules import NoiseSchedule, as_time
 
 __all__ = ["GaussianData", "GaussianMixture", "linear_gaussian_posterior"]
@@ -39,8 +39,8 @@ class _ExactNet(nn.Module):
 
     def forward(self, x, t, cond=None):
         tt = _bcast(t, x)
-        x0 = self.data.posterior_mean_x0(self.schedule, x, tt, cond)
-        return convert(x0, "x0", self.prediction, x, Coefficients.at(self.schedule, tt, x))
+        x0, eps = self.data.posterior_means(self.schedule, x, tt, cond)
+        return from_pair(x0, eps, self.prediction, Coefficients.at(self.schedule, tt, x))
 
 
 class GaussianData(nn.Module):
@@ -72,6 +72,15 @@ class GaussianData(nn.Module):
         a, s = schedule.alpha(t).to(x.dtype), schedule.sigma(t).to(x.dtype)
         mu, v = self._mu(x, cond), self.std.to(x.dtype) ** 2
         return mu + a * v / (a * a * v + s * s) * (x - a * mu)
+
+    def posterior_means(self, schedule, x, t, cond=None):
+        """``(E[x_0|x_t], E[eps|x_t])``; ``E[eps|x_t] = sigma (x_t - alpha mu)/(alpha^2 s^2 + sigma^2)`` in closed
+        form, so it stays finite where ``sigma = 0``."""
+        t = _bcast(t, x)
+        a, s = schedule.alpha(t).to(x.dtype), schedule.sigma(t).to(x.dtype)
+        mu, v = self._mu(x, cond), self.std.to(x.dtype) ** 2
+        r = (x - a * mu) / (a * a * v + s * s)
+        return mu + a * v * r, s * r
 
     def denoiser(self, schedule: NoiseSchedule, prediction: str = "eps", **kwargs) -> Denoiser:
         """An exact :class:`~adjointflow.Denoiser` for ``schedule`` in any prediction type."""
@@ -139,6 +148,9 @@ class GaussianData(nn.Module):
 
         Returns ``(mean, cov)`` with ``mean = m + S A^T (A S A^T + sigma_y^2 I)^{-1} (y - A m)``.
         """
+        if cond is not None and cond.shape != self.mean.shape:
+            raise ValueError(f"posterior takes one sample's cond of shape {tuple(self.mean.shape)}, "
+                             f"got {tuple(cond.shape)}; call it per sample")
         m = self._mu(self.mean, cond).detach().reshape(-1).to(A.dtype)
         cov = torch.diag((self.std.detach() ** 2).expand(self.mean.shape).reshape(-1).to(A.dtype))
         return linear_gaussian_posterior(m, cov, A, y, sigma_y)
@@ -189,6 +201,12 @@ class GaussianMixture(nn.Module):
         r = torch.softmax(logp, dim=1)[..., None]  # (B, K, 1)
         comp = m + a * v / var * (xx - a * m)
         return (r * comp).sum(1)
+
+    def posterior_means(self, schedule, x, t, cond=None):
+        """``(E[x_0|x_t], E[eps|x_t])`` with ``eps = (x - alpha x0)/sigma``."""
+        x0 = self.posterior_mean_x0(schedule, x, t, cond)
+        tt = _bcast(t, x)
+        return x0, (x - schedule.alpha(tt).to(x.dtype) * x0) / schedule.sigma(tt).to(x.dtype)
 
     def denoiser(self, schedule: NoiseSchedule, prediction: str = "eps", **kwargs) -> Denoiser:
         return Denoiser(_ExactNet(self, schedule, prediction), schedule, prediction, **kwargs)
