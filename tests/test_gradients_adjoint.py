@@ -42,6 +42,10 @@ CASES = [  # (id, solver, form, steps, (t_start, t_end), order)
     ("dpmpp2m_adjointdeis2m_x0", DPMSolverPP(order=2), "x0", [20, 40, 80], (0.5, 0.05), 2),
     ("sde1_adjointdeis1_eps", SDEDPMSolverPP(order=1), "eps", [40, 80, 160], (0.5, 0.05), 1),
     ("sde2m_adjointdeis2m_eps", SDEDPMSolverPP(order=2), "eps", [20, 40, 80], (0.5, 0.05), 2),
+    # the default form="auto" (data form where lambda < 0, noise form elsewhere) on the *full* VP range t = 1 -> 1e-3
+    ("ddim_adjointdeis1_auto_full", DDIM(), "auto", [40, 80, 160], (1.0, 1e-3), 1),
+    ("dpmpp2m_adjointdeis2m_auto_full", DPMSolverPP(order=2), "auto", [40, 80, 160], (1.0, 1e-3), 2),
+    ("sde2m_adjointdeis2m_auto_full", SDEDPMSolverPP(order=2), "auto", [80, 160, 320], (1.0, 1e-3), 2),
 ]
 
 

@@ -23,10 +23,12 @@ so, freezing ``W`` (order 1) or taking it linear in lambda (2M, same ``D`` as ab
 The data form's linear factor ``c_t/c_s < 1`` contracts towards the noise end, whereas the noise form's
 ``alpha_t/alpha_s`` grows like ``1/alpha_s`` and must be cancelled by the Jacobian term; frozen at the clean
 end it is not, so the noise form blows up at small step counts (M <= 10 on a full VP grid). The data form
-never blows up, but it is the *less* accurate of the two wherever either is usable (2x for the ODE, 10-100x for
-the SDE at M >= 20-40), because its frozen ``W`` varies faster in lambda on the clean side; measured in
-``benchmarks/results/gradients.md``. The noise form is therefore the default; a noise-form step from
-``alpha_s = 0`` (``t = 1`` of LinearFlow/VPCosine) is taken in the data form, which is finite there.
+never blows up, but its frozen ``W`` (which carries ``c^2 = sigma^2``) varies fast in lambda on the clean side,
+where the noise form's ``V`` is nearly constant. Each form is accurate where the other is not, so the default
+``form="auto"`` uses the data form on the noisy side (``lambda_s < 0``) and the noise form on the clean side:
+measured 10-1000x more accurate than either form alone on VP and flow paths, and the only one of the three
+that converges for flows sampled from ``t = 1`` (``benchmarks/results/gradients.md``). A noise-form step
+from ``alpha_s = 0`` (``t = 1`` of LinearFlow/VPCosine) is taken in the data form, which is finite there.
 
 A step whose clean end has ``sigma_t = 0`` is the solvers' final denoising step ``x_t = alpha_t x0(x_s)``; it has no
 finite ``lambda_t`` and is differentiated exactly: ``a_s = alpha_t J_x0(x_s)^T a_t``.
@@ -51,9 +53,16 @@ def _lin(coef, ts):
 
 
 def step_form(form: str, schedule, grid, i: int) -> str:
-    """The form actually used for the step from ``grid[i+1]`` back to ``grid[i]``: ``form``, except that a
-    noise-form step whose noisy end has ``alpha = 0`` (``t = 1`` of LinearFlow/VPCosine), where
-    ``alpha_t/alpha_s`` is infinite, is taken in the data form (finite there)."""
+    """The form actually used for the step from ``grid[i+1]`` back to ``grid[i]``.
+
+    ``"auto"``: the data form where the noisy end has ``lambda_s < 0`` (``alpha < sigma``: there ``x0_hat`` is
+    nearly constant in lambda and the noise form's factor ``alpha_t/alpha_s`` explodes), the noise form
+    where ``lambda_s >= 0`` (there ``eps_hat`` is nearly constant and the data form's ``c = sigma`` varies
+    by ``e^{-h}`` across a step). Otherwise ``form``, except that a noise-form step whose noisy end has
+    ``alpha = 0`` (``t = 1`` of LinearFlow/VPCosine), where ``alpha_t/alpha_s`` is infinite, is taken in the
+    data form (finite there)."""
+    if form == "auto":
+        return "x0" if float(schedule.log_snr(grid[i])) < 0.0 else "eps"
     if form == "eps" and float(schedule.alpha(grid[i])) == 0.0:
         return "x0"
     return form
@@ -77,10 +86,11 @@ def _frozen(form: str, kind: str, sch, tau, a, vx, vin, nu: float):
     return (c**2).to(dt) * vx, _lin(c, vin)
 
 
-def adjoint_deis_step(model: AdjointModel, adj: AdjointState, grid, i: int, *, form: str = "eps",
+def adjoint_deis_step(model: AdjointModel, adj: AdjointState, grid, i: int, *, form: str = "auto",
                       order: int = 1, sde: bool = False) -> AdjointState:
     """AdjointDEIS-1 (``order=1``) or AdjointDEIS-2M (``order=2``) from ``grid[i+1]`` back to ``grid[i]``
-    in the data (``form="x0"``) or noise (``form="eps"``) parameterisation; ``sde=True`` for the diffusion SDE.
+    in the data (``form="x0"``) or noise (``form="eps"``) parameterisation, or switching between them at
+    ``lambda = 0`` (``form="auto"``, see :func:`step_form`); ``sde=True`` for the diffusion SDE.
 
     The 2M history is ``(a_r, raw VJP at r)`` in the kind of the previous step (see :func:`step_form`),
     converted when the kinds differ.

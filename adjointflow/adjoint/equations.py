@@ -30,8 +30,9 @@ __all__ = [
     "default_params", "check_params", "ADJOINT_FORMS",
 ]
 
-#: AdjointDEIS forms for exponential integrators: data prediction (``"x0"``) or noise prediction (``"eps"``).
-ADJOINT_FORMS = ("x0", "eps")
+#: AdjointDEIS forms for exponential integrators: data prediction (``"x0"``), noise prediction (``"eps"``), or
+#: ``"auto"``: per step, the data form where the step's noisy end has ``lambda < 0`` and the noise form elsewhere.
+ADJOINT_FORMS = ("auto", "x0", "eps")
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class AdjointModel:
     """
 
     def __init__(self, denoiser, xs: Sequence[Tensor], cond=None, params: Sequence[Tensor] = (),
-                 sde: bool = False, form: str = "eps", order: int | None = None):
+                 sde: bool = False, form: str = "auto", order: int | None = None):
         if form not in ADJOINT_FORMS:
             raise ValueError(f"unknown adjoint form {form!r}; choose one of {ADJOINT_FORMS}")
         self.denoiser = denoiser

@@ -158,9 +158,10 @@ class ContinuousAdjoint(GradientStrategy):
     these lie on the forward Brownian path). Backward: ``solver.adjoint_step`` integrates the adjoint
     ODE ``da/dt = -(dF/dx)^T a`` (and the input integrals) from the last grid time to the first, one
     network graph alive at a time (1 NFE + 1 VJP per evaluation). Exponential integrators use
-    AdjointDEIS-1 / -2M (Blasingame & Liu 2024) in the paper's noise form (``form="eps"``, default: the
-    more accurate wherever either form is usable) or the data form (``form="x0"``: never blows up, but
-    less accurate; see ``adjoint_deis``); ``order=None`` picks 1 for first-order
+    AdjointDEIS-1 / -2M (Blasingame & Liu 2024) in the paper's noise form (``form="eps"``), our data form
+    (``form="x0"``), or -- the default -- ``form="auto"``: data form on the noisy side of ``lambda = 0``,
+    noise form on the clean side, much more accurate than either alone (see ``adjoint_deis``);
+    ``order=None`` picks 1 for first-order
     solvers and 2 (2M) otherwise. Euler/Heun integrate the adjoint with their own scheme.
 
     The result approximates the exact gradient with the solver's adjoint order (it is *not* the
@@ -174,7 +175,7 @@ class ContinuousAdjoint(GradientStrategy):
     the trajectory it returns is detached. Not twice differentiable.
     """
 
-    form: str = "eps"
+    form: str = "auto"
     order: int | None = None
     params: tuple | None = field(default=None, compare=False)
 
