@@ -134,6 +134,16 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
     return state
 
 
+def check_sample(x, name: str = "x") -> None:
+    """``x`` must be a floating-point tensor of shape ``(batch, *dims)`` with ``batch >= 1``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (batch, *dims) with batch >= 1, got {tuple(x.shape)}")
+
+
 def _check_cond(cond, x: Tensor, name: str = "cond") -> None:
     if cond is None:
         return
@@ -210,12 +220,7 @@ def solve(
         raise TypeError(f"solver must be an instance, e.g. {solver.__name__}(), not the class itself")
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be an adjointflow Solver instance, got {type(solver).__name__}")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must have shape (batch, *dims) with batch >= 1, got {tuple(x.shape)}")
+    check_sample(x)
     grid = validate_grid(grid)
     _check_cond(cond, x)
     gradient = Backprop() if gradient is None else gradient

@@ -18,6 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "NoiseSchedule",
+    "VariancePreserving",
     "VPLinear",
     "VPCosine",
     "VPDiscrete",
@@ -142,7 +143,21 @@ class NoiseSchedule:
 
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class VPLinear(NoiseSchedule):
+class VariancePreserving(NoiseSchedule):
+    """Base of VP paths, ``alpha^2 + sigma^2 = 1``: subclasses define ``log_alpha`` and its derivative;
+    ``sigma = sqrt(1 - alpha^2)`` and ``d log sigma/dt = -(alpha^2/sigma^2) d log alpha/dt`` follow."""
+
+    variance_preserving: ClassVar[bool] = True
+
+    def log_sigma(self, t):
+        return _log_sigma_vp(self.log_alpha(t))
+
+    def dlog_sigma_dt(self, t):
+        return _dlog_sigma_vp(self.log_alpha(t), self.dlog_alpha_dt(t))
+
+
+@dataclass(frozen=True)
+class VPLinear(VariancePreserving):
     """VP-SDE with linear beta (Song et al. 2021; DDPM's continuous limit).
 
     ``log alpha(t) = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2``, ``sigma = sqrt(1 - alpha^2)``.
@@ -150,7 +165,6 @@ class VPLinear(NoiseSchedule):
 
     beta_min: float = 0.1
     beta_max: float = 20.0
-    variance_preserving: ClassVar[bool] = True
 
     def log_alpha(self, t):
         t = as_time(t)
@@ -160,12 +174,6 @@ class VPLinear(NoiseSchedule):
         t = as_time(t)
         return -0.5 * (self.beta_max - self.beta_min) * t - 0.5 * self.beta_min
 
-    def log_sigma(self, t):
-        return _log_sigma_vp(self.log_alpha(t))
-
-    def dlog_sigma_dt(self, t):
-        return _dlog_sigma_vp(self.log_alpha(t), self.dlog_alpha_dt(t))
-
     def t_from_log_snr(self, lam):
         c = -_log_alpha_vp_from_lambda(as_time(lam))  # = (b1-b0) t^2/4 + b0 t/2 >= 0
         b0, b1 = self.beta_min, self.beta_max
@@ -174,7 +182,7 @@ class VPLinear(NoiseSchedule):
 
 
 @dataclass(frozen=True)
-class VPCosine(NoiseSchedule):
+class VPCosine(VariancePreserving):
     """Cosine VP schedule (Nichol & Dhariwal 2021): ``alpha = cos(pi/2 (t+s)/(1+s)) / cos(pi/2 s/(1+s))``.
 
     Evaluated as ``sin(pi/2 (1-t)/(1+s))`` so that ``alpha(1) = 0`` exactly (``cos(pi/2)`` rounds to
@@ -185,7 +193,6 @@ class VPCosine(NoiseSchedule):
 
     s: float = 0.008
     t_start: ClassVar[float] = 0.9946
-    variance_preserving: ClassVar[bool] = True
 
     def _phi(self, t):
         # complementary angle: cos(pi/2 (t+s)/(1+s)) = sin(pi/2 (1-t)/(1+s)), exactly 0 at t = 1
@@ -199,12 +206,6 @@ class VPCosine(NoiseSchedule):
     def dlog_alpha_dt(self, t):
         return -0.5 * math.pi / (1.0 + self.s) / torch.tan(self._phi(t))
 
-    def log_sigma(self, t):
-        return _log_sigma_vp(self.log_alpha(t))
-
-    def dlog_sigma_dt(self, t):
-        return _dlog_sigma_vp(self.log_alpha(t), self.dlog_alpha_dt(t))
-
     def t_from_log_snr(self, lam):
         la = _log_alpha_vp_from_lambda(as_time(lam))
         c0 = math.cos(0.5 * math.pi * self.s / (1 + self.s))
@@ -213,7 +214,7 @@ class VPCosine(NoiseSchedule):
 
 
 @dataclass(frozen=True, eq=False)
-class VPDiscrete(NoiseSchedule):
+class VPDiscrete(VariancePreserving):
     """A discrete DDPM table ``alphas_cumprod[k]``, k = 0..N-1 (diffusers), made continuous.
 
     Timestep ``k`` sits at ``t = (k + 1)/N`` and ``t = 0`` is added with ``alpha = 1`` (clean data);
@@ -222,7 +223,6 @@ class VPDiscrete(NoiseSchedule):
     """
 
     alphas_cumprod: Tensor = field(default=None, repr=False)
-    variance_preserving: ClassVar[bool] = True
 
     def __post_init__(self):
         ac = self.alphas_cumprod
@@ -266,12 +266,6 @@ class VPDiscrete(NoiseSchedule):
         t, i = self._segment(t)
         la = self._la.to(t.device)
         return (la[i + 1] - la[i]) * self.num_train_timesteps
-
-    def log_sigma(self, t):
-        return _log_sigma_vp(self.log_alpha(t))
-
-    def dlog_sigma_dt(self, t):
-        return _dlog_sigma_vp(self.log_alpha(t), self.dlog_alpha_dt(t))
 
     def t_from_log_snr(self, lam):
         la = _log_alpha_vp_from_lambda(as_time(lam))

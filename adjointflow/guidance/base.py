@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..driver import _check_cond
+from ..driver import _check_cond, check_sample
 from ..errors import NonFiniteError
 from ..grids import timesteps, validate_grid
 from ..models import Denoiser
@@ -112,11 +112,8 @@ def check_run_inputs(denoiser, objective, x_init, cond=None) -> None:
         raise TypeError(f"denoiser must be an adjointflow.Denoiser, got {type(denoiser).__name__}")
     if isinstance(objective, type) or not callable(objective):
         raise TypeError(f"objective must be a callable x0 -> (batch,) loss (an instance), got {objective!r}")
-    if not isinstance(x_init, Tensor):
-        raise TypeError(f"x_init must be a tensor, got {type(x_init).__name__}")
-    if not x_init.is_floating_point():
-        raise TypeError(f"x_init must be a floating-point tensor, got dtype {x_init.dtype}")
-    if x_init.ndim < 2 or x_init.shape[0] == 0:
+    check_sample(x_init, "x_init")
+    if x_init.ndim < 2:
         raise ValueError(f"x_init must have shape (batch, *dims) with batch >= 1, got {tuple(x_init.shape)}")
     if not bool(torch.isfinite(x_init).all()):
         raise ValueError("x_init contains NaN/Inf")
