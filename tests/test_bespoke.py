@@ -467,3 +467,48 @@ def test_fit_with_cond_and_progress_bar():
     assert torch.allclose(gt.x_end, data.flow_map(af.LinearFlow(), xv, T0, T1, cond=cv), atol=1e-8)
     with pytest.raises(ValueError, match="different model"):
         fit_bespoke(den_mix(), s, xt, xv, iterations=1, progress=False)
+
+
+def test_fingerprint_sees_schedule_tables_guidance_scale_and_net_time():
+    """Review regressions: VPDiscrete tables, a classifier-free guidance scale and net_time lambdas must
+    change the fingerprint; save() refuses to relabel a trained solver; fit_bespoke refuses foreign ground truth."""
+    from adjointflow import ClassifierFreeGuidance, Denoiser, VPDiscrete
+    from adjointflow.solvers.bespoke import model_fingerprint
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, x, t, c=None):
+            return self.lin(x)
+
+    net = Net()
+    lin = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    cos = torch.cumprod(1 - torch.linspace(1e-4, 0.01, 1000, dtype=torch.float64), 0)
+    fp = lambda d: model_fingerprint(d)
+    assert fp(Denoiser(net, VPDiscrete(lin), "eps")) != fp(Denoiser(net, VPDiscrete(cos), "eps"))
+    assert fp(Denoiser(net, VPDiscrete(lin), "eps")) == fp(Denoiser(net, VPDiscrete(lin.clone()), "eps"))
+    assert fp(Denoiser(net, VPDiscrete(lin), "eps", net_time=lambda t: 999 * t)) != \
+        fp(Denoiser(net, VPDiscrete(lin), "eps", net_time=lambda t: 1000 * t))
+    assert fp(Denoiser(ClassifierFreeGuidance(net, 2.0, 0), VPDiscrete(lin), "eps")) != \
+        fp(Denoiser(ClassifierFreeGuidance(net, 7.5, 0), VPDiscrete(lin), "eps"))
+
+
+def test_save_refuses_relabel_and_fit_refuses_foreign_ground_truth(tmp_path):
+    import adjointflow as af
+    from adjointflow.solvers.bespoke_train import ground_truth
+    from adjointflow.testing import GaussianMixture
+
+    a = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], [0.5, 0.5]).denoiser(af.LinearFlow(), "velocity")
+    b = GaussianMixture([0.5, 0.5], [[-2.0, 0.0], [2.0, 0.0]], [0.5, 0.5]).denoiser(af.LinearFlow(), "velocity")
+    g = torch.Generator().manual_seed(0)
+    tr, va = torch.randn(32, 2, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64)
+    s = af.BespokeSolver(2)
+    af.fit_bespoke(a, s, tr, va, t_end=1e-2, iterations=2, progress=False, loss="rmse")
+    with pytest.raises(ValueError, match="different model"):
+        s.save(tmp_path / "s.pt", denoiser=b)
+    gt_b = ground_truth(b, tr, 1.0, 1e-2, rtol=1e-6, atol=1e-6, points=9)
+    gv_b = ground_truth(b, va, 1.0, 1e-2, rtol=1e-6, atol=1e-6, points=9)
+    with pytest.raises(ValueError, match="different model"):
+        af.fit_bespoke(a, af.BespokeSolver(2), gt_b, gv_b, t_end=1e-2, iterations=2, progress=False)

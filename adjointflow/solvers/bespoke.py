@@ -38,6 +38,7 @@ solver, one whose ends differ from the interval it was trained on.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -57,32 +58,79 @@ _VERSION = 1
 _GRID_RTOL = 1e-9
 
 
+def _feed(h, v, depth: int = 0) -> None:
+    """Hash a value that can change a model's drift: tensors by bytes, numbers/strings by repr, dataclasses
+    and containers recursively, callables by their code, constants, defaults and closure contents."""
+    if depth > 6:
+        h.update(b"<deep>")
+        return
+    if isinstance(v, torch.Tensor):
+        v = v.detach().cpu().contiguous()
+        h.update(f"T:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    elif v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype)):
+        h.update(f"{type(v).__name__}:{v!r}".encode())
+    elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+        h.update(type(v).__qualname__.encode())
+        for f in dataclasses.fields(v):
+            h.update(f.name.encode())
+            _feed(h, getattr(v, f.name), depth + 1)
+    elif isinstance(v, (list, tuple)):
+        for e in v:
+            _feed(h, e, depth + 1)
+    elif isinstance(v, dict):
+        for k in sorted(v, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, v[k], depth + 1)
+    elif callable(v) and hasattr(v, "__code__"):
+        code = v.__code__
+        h.update(type(v).__qualname__.encode() + code.co_code + repr(code.co_consts).encode())
+        _feed(h, getattr(v, "__defaults__", None), depth + 1)
+        for cell in getattr(v, "__closure__", None) or ():
+            try:
+                _feed(h, cell.cell_contents, depth + 1)
+            except ValueError:  # empty cell
+                pass
+    elif isinstance(v, nn.Module):
+        _feed_module(h, v, depth + 1)
+    else:
+        h.update(type(v).__qualname__.encode())
+
+
+def _feed_module(h, module: nn.Module, depth: int = 0) -> None:
+    # parameters and buffers, plus every plain attribute of every submodule (e.g. a guidance scale or a
+    # schedule held by an exact denoiser), which state_dict() does not contain
+    for name, v in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        _feed(h, v, depth + 1)
+    for mname, m in sorted(module.named_modules(), key=lambda kv: kv[0]):
+        h.update(f"M:{mname}:{type(m).__module__}.{type(m).__qualname__}".encode())
+        for k, v in sorted(vars(m).items()):
+            if k.startswith("_") or k == "training" or isinstance(v, nn.Module):
+                continue
+            h.update(k.encode())
+            _feed(h, v, depth + 1)
+
+
 def model_fingerprint(denoiser) -> str:
-    """A short SHA-256 of what determines a denoiser's drift: the network class, the schedule (its
-    repr, i.e. its type and parameters), the prediction type, the time convention, and every tensor
-    in ``denoiser.state_dict()`` (names, dtypes, shapes and values). A plain-function network has no
-    state to hash, so only its qualified name enters."""
+    """A short SHA-256 of what determines a denoiser's drift: the network (class, every parameter and
+    buffer, and the plain attributes of every submodule, such as a classifier-free guidance scale; a
+    plain-function network by its code, constants and closure), the schedule (every field, tensors by
+    value: two ``VPDiscrete`` tables differ), the prediction type, the time convention and ``net_time``
+    (by its code, constants and closure)."""
     from ..models import Denoiser
 
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"denoiser must be an adjointflow.Denoiser, got {type(denoiser).__name__}")
     h = hashlib.sha256()
     net = denoiser.net
-    parts = [
-        type(net).__module__ + "." + type(net).__qualname__,
-        getattr(net, "__qualname__", "") if not isinstance(net, nn.Module) else "",
-        repr(denoiser.schedule),
-        denoiser.prediction,
-        str(denoiser.noise_at_zero),
-        getattr(denoiser.net_time, "__qualname__", repr(denoiser.net_time)),
-    ]
-    for p in parts:
-        h.update(p.encode())
-        h.update(b"\0")
-    for name, v in sorted(denoiser.state_dict().items()):
-        v = v.detach().cpu().contiguous()
-        h.update(f"{name}:{v.dtype}:{tuple(v.shape)}".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    h.update((type(net).__module__ + "." + type(net).__qualname__).encode())
+    if isinstance(net, nn.Module):
+        _feed_module(h, net)
+    else:
+        _feed(h, net)
+    for v in (denoiser.schedule, denoiser.prediction, denoiser.noise_at_zero, denoiser.net_time):
+        _feed(h, v)
     return h.hexdigest()[:16]
 
 
@@ -360,6 +408,9 @@ class BespokeSolver(nn.Module, Solver):
         ``base``, the trained interval and the fingerprint of the model it was trained for (taken
         from ``denoiser``, else from ``fingerprint``, else the one :func:`fit_bespoke` recorded)."""
         fp = model_fingerprint(denoiser) if denoiser is not None else fingerprint
+        if fp is not None and self.model_fingerprint is not None and fp != self.model_fingerprint:
+            raise ValueError("this solver was trained for a different model than the one given to save(); "
+                             "a bespoke solver is only valid for the model it was fitted to")
         fp = fp if fp is not None else self.model_fingerprint
         if fp is None:
             raise ValueError("unknown model: pass the denoiser this solver was trained for, save(path, denoiser)")

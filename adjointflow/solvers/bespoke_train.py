@@ -67,6 +67,7 @@ class GroundTruth:
     cond: object = None
     nfe: int = 0
     seconds: float = 0.0
+    fingerprint: str | None = None  # of the model that produced it (checked by fit_bespoke)
 
     @property
     def t_start(self) -> float:
@@ -143,7 +144,7 @@ def ground_truth(denoiser, x: Tensor, t_start: float, t_end: float, *, cond=None
             blob = torch.load(os.fspath(cache), map_location="cpu", weights_only=True)
             if isinstance(blob, dict) and blob.get("key") == key:
                 return GroundTruth(blob["times"], blob["x"].to(x.device), blob["u"].to(x.device), cond,
-                                   blob["nfe"], blob["seconds"])
+                                   blob["nfe"], blob["seconds"], model_fingerprint(denoiser))
     times = t_start + (t_end - t_start) * torch.linspace(0.0, 1.0, points, dtype=torch.float64)
     times[0], times[-1] = t_start, t_end
     nfe = 0
@@ -161,7 +162,7 @@ def ground_truth(denoiser, x: Tensor, t_start: float, t_end: float, *, cond=None
         us = torch.stack([denoiser(xs[k], times[k], cond).velocity for k in range(points)])
     if not bool(torch.isfinite(xs).all()) or not bool(torch.isfinite(us).all()):
         raise ValueError("the ground-truth solve produced NaN/Inf; move t_end away from a singular end of the schedule")
-    gt = GroundTruth(times, xs, us, cond, nfe + points, time.perf_counter() - start)
+    gt = GroundTruth(times, xs, us, cond, nfe + points, time.perf_counter() - start, model_fingerprint(denoiser))
     if cache is not None:
         torch.save({"key": key, "times": times, "x": xs.cpu(), "u": us.cpu(), "nfe": gt.nfe, "seconds": gt.seconds},
                    os.fspath(cache))
@@ -297,6 +298,8 @@ def fit_bespoke(
     gts = []
     for name, data, cond, cache in (("train", train, cond_train, caches[0]), ("val", val, cond_val, caches[1])):
         if isinstance(data, GroundTruth):
+            if data.fingerprint is not None and data.fingerprint != fp:
+                raise ValueError(f"the {name} ground truth was computed with a different model than the one being fitted")
             if abs(data.t_start - t_start) > 1e-12 or abs(data.t_end - t_end) > 1e-12:
                 raise ValueError(f"the {name} ground truth spans [{data.t_start}, {data.t_end}], not [{t_start}, {t_end}]")
             gts.append(data)
