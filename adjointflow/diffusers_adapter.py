@@ -75,10 +75,36 @@ def _alphas_cumprod(scheduler, cfg: Mapping[str, Any]) -> torch.Tensor:
     return torch.as_tensor(ac).detach().to(torch.float64).cpu()
 
 
+def _refuse_unsupported(scheduler, cfg: Mapping[str, Any]) -> None:
+    # Schedulers whose models are *not* DDPM-timestep or flow-matching networks: mapping them to a
+    # VPDiscrete table would feed the network the wrong time (EDM preconditioning takes 0.25 log sigma,
+    # a VE score model sigma itself) -- a silent wrong answer, so refuse.
+    name = str(cfg.get("_class_name") or type(scheduler).__name__)
+    if name.startswith("EDM") or "ScoreSdeVe" in name or "KarrasVe" in name:
+        raise ValueError(f"{name} models use EDM/VE preconditioning and noise-level inputs; from_diffusers supports "
+                         "DDPM-family (alphas_cumprod + integer timesteps) and flow-matching schedulers. Wrap the "
+                         "model yourself with adjointflow.Denoiser(net, EDM() or VE(), ..., net_time=...)")
+    if cfg.get("timestep_type", "discrete") == "continuous":
+        raise ValueError("timestep_type='continuous' models take 0.25 log(sigma) as their time input, not a DDPM "
+                         "timestep; wrap the model with adjointflow.Denoiser(..., net_time=...) yourself")
+    if cfg.get("variance_type") in ("learned", "learned_range"):
+        raise ValueError(f"variance_type={cfg.get('variance_type')!r}: the model outputs 2C channels (mean and "
+                         "variance); wrap it so it returns only the first C channels")
+    if cfg.get("rescale_betas_zero_snr", False):
+        raise ValueError("rescale_betas_zero_snr=True gives alpha = 0 at the last timestep (zero terminal SNR), "
+                         "which VPDiscrete's log-alpha interpolation cannot represent; not supported yet")
+
+
 def schedule_from_diffusers(scheduler):
-    """The adjointflow schedule of a diffusers scheduler (or its config): ``VPDiscrete`` or ``LinearFlow``."""
+    """The adjointflow schedule of a diffusers scheduler (or its config): ``VPDiscrete`` or ``LinearFlow``.
+
+    Refuses (``ValueError``) the schedulers whose models take other time inputs: EDM/VE schedulers,
+    ``timestep_type="continuous"``, learned-variance outputs and zero-terminal-SNR tables. Sampler-only
+    options (``clip_sample``, ``thresholding``, timestep spacing) are ignored: they do not change the model.
+    """
     _require_diffusers()
     cfg = _config(scheduler)
+    _refuse_unsupported(scheduler, cfg)
     if _is_flow(scheduler, cfg):
         if cfg.get("invert_sigmas", False):
             raise ValueError("flow-matching schedulers with invert_sigmas=True are not supported")
@@ -89,7 +115,7 @@ def schedule_from_diffusers(scheduler):
         raise ValueError(f"the scheduler's alphas_cumprod table is not a valid VP schedule: {exc}") from exc
 
 
-def from_diffusers(model, scheduler, *, prediction: str | None = None) -> Denoiser:
+def from_diffusers(model, scheduler, *, prediction: str | None = None, net_time=None) -> Denoiser:
     """``Denoiser`` for a diffusers ``model`` (e.g. ``UNet2DModel``) trained with ``scheduler``.
 
     * DDPM-family scheduler: ``schedule = VPDiscrete(scheduler.alphas_cumprod)``, the network sees
@@ -97,7 +123,8 @@ def from_diffusers(model, scheduler, *, prediction: str | None = None) -> Denois
     * flow-matching scheduler: ``schedule = LinearFlow()``, ``prediction = "velocity"``, ``t_net = N t``.
 
     ``prediction`` overrides the scheduler's ``prediction_type`` (one of adjointflow's prediction
-    names). The model is called ``model(x, t_net[, cond])`` and its output's ``.sample`` is used;
+    names); ``net_time`` overrides the map from our ``t`` to the model's time input (e.g.
+    ``lambda t: t`` for Flux-style transformers, whose pipelines pass ``timestep / 1000``). The model is called ``model(x, t_net[, cond])`` and its output's ``.sample`` is used;
     for a ``UNet2DModel`` a tensor ``cond`` is passed as ``class_labels``, a dict as keyword arguments
     (e.g. ``{"encoder_hidden_states": emb}`` for a ``UNet2DConditionModel``).
     Raises ``ImportError`` when diffusers is not installed.
@@ -105,6 +132,7 @@ def from_diffusers(model, scheduler, *, prediction: str | None = None) -> Denois
     _require_diffusers()
     if not callable(model):
         raise TypeError(f"model must be a callable diffusers model, got {type(model).__name__}")
+    net_time_override = net_time
     cfg = _config(scheduler)
     schedule = schedule_from_diffusers(scheduler)
     n = int(cfg.get("num_train_timesteps", 1000))
@@ -121,7 +149,7 @@ def from_diffusers(model, scheduler, *, prediction: str | None = None) -> Denois
         net_time = schedule.timestep
     if prediction is not None:
         kind = prediction  # validated by Denoiser
-    return Denoiser(model, schedule, kind, net_time=net_time)
+    return Denoiser(model, schedule, kind, net_time=net_time if net_time_override is None else net_time_override)
 
 
 class _FlowTime:

@@ -177,3 +177,24 @@ def test_dpmsolverpp2m_matches_diffusers_multistep_scheduler(unet, ptype, n):
         with torch.no_grad():
             wrong = af.solve(off, x, grid, DPMSolverPP(order=2)).x
         assert float((wrong - ref).abs().max()) > 100 * 2e-6 * scale
+
+
+def test_unsupported_schedulers_are_refused(unet):
+    # Review regressions: these used to fall back to a default linear-beta VPDiscrete table and feed the
+    # network integer timesteps it was never trained on.
+    from diffusers import EDMEulerScheduler, EulerDiscreteScheduler, ScoreSdeVeScheduler
+
+    for sched, match in [
+        (EDMEulerScheduler(), "EDM"),
+        (ScoreSdeVeScheduler(), "VE"),
+        (EulerDiscreteScheduler(timestep_type="continuous", prediction_type="v_prediction"), "continuous"),
+        (DDPMScheduler(variance_type="learned_range"), "learned_range"),
+        (DDPMScheduler(rescale_betas_zero_snr=True), "zero terminal SNR"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            from_diffusers(unet, sched)
+
+
+def test_net_time_override(unet):
+    den = from_diffusers(unet, FlowMatchEulerDiscreteScheduler(), net_time=lambda t: t)
+    assert float(den.network_time(torch.tensor(0.5, dtype=torch.float64), torch.zeros(2, 1, 8, 8))[0]) == 0.5
