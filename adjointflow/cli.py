@@ -38,8 +38,8 @@ def _positive_float(s: str) -> float:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
     return v
 
 
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--log-every", type=_positive_int, default=100)
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--force", action="store_true",
+                   help="overwrite existing weights in --out (the default --out holds the bundled model the demo uses)")
 
     b = sub.add_parser(
         "bench",
@@ -112,6 +114,9 @@ def _cmd_train(args) -> int:
         raise CLIError(f"--out {args.out} exists and is not a directory")
     from .demo.digits import WEIGHTS_NAME, train_digits
 
+    if (out / WEIGHTS_NAME).exists() and not args.force:
+        raise CLIError(f"{out / WEIGHTS_NAME} exists (the default --out holds the bundled model `make demo` uses); "
+                       "pass --force to overwrite it or --out DIR to write elsewhere")
     _, meta = train_digits(
         out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
         log_every=args.log_every, progress=not args.no_progress,

@@ -33,7 +33,8 @@ def test_help_lists_the_subcommands():
     ([], "required"),
     (["demo", "--nfe", "3"], "unrecognized arguments"),
     (["train-digits", "--steps", "0"], "positive integer"),
-    (["train-digits", "--lr", "fast"], "positive number"),
+    (["train-digits", "--lr", "fast"], "positive"),
+    (["train-digits", "--lr", "inf"], "finite"),
 ])
 def test_bad_arguments_exit_nonzero_with_a_message(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -95,6 +96,10 @@ def test_train_digits_writes_weights_into_out(tmp_path, capsys):
                      "--no-progress"]) == 0
     assert (tmp_path / "digits_flow.safetensors").is_file() and (tmp_path / "digits_flow.json").is_file()
     assert "wrote" in capsys.readouterr().out
+    # existing weights (e.g. the bundled model) are never overwritten silently
+    assert "--force" in _one_line_error(capsys, ["train-digits", "--out", str(tmp_path), "--steps", "2"])
+    assert cli.main(["train-digits", "--out", str(tmp_path), "--steps", "2", "--batch", "4", "--log-every", "1",
+                     "--no-progress", "--force"]) == 0
 
 
 # --- the demo's pieces -------------------------------------------------------------------------
@@ -172,9 +177,14 @@ def test_demo_smoke_tiny_configuration(tmp_path):
         assert (tmp_path / f).stat().st_size > 0
     md = (tmp_path / "results.md").read_text()
     assert "RMSE @ NFE 4" in md and "degraded input" in md
-    for method in ("DPS", "FlowChef", "D-Flow", "AdjointGuidance"):
-        assert method in md  # run, or listed as not built yet / failed
-    assert {r.name for r in res.sample_runs} >= {"Euler", "Heun"}
+    # every guidance method actually ran on both tasks (none "not built yet" or "failed")
+    assert {r.method for r in res.inverse_runs} == {"DPS", "FlowChef", "D-Flow", "AdjointGuidance"}
+    assert len(res.inverse_runs) == 8
+    assert not [n for n in res.notes if "failed" in n or "not built" in n], res.notes
+    # every discovered solver sampled
+    from adjointflow.demo.sampling import discover_solvers
+
+    assert {r.name for r in res.sample_runs} == {spec.name for spec in discover_solvers()[0]}
 
 
 def test_demo_config_validation():

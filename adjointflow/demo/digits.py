@@ -361,8 +361,8 @@ def train_digits(
     for name, val in (("steps", steps), ("batch", batch), ("log_every", log_every)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be positive and finite, got {lr!r}")
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
     if not 0.0 <= label_drop <= 1.0:
@@ -407,6 +407,8 @@ def train_digits(
             drop = torch.rand(batch, generator=g) < label_drop
             y[drop] = NULL_CLASS
             loss = _flow_loss(net, x0, y, g)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at step {step + 1}; lower lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 1.0)
