@@ -512,3 +512,35 @@ def test_save_refuses_relabel_and_fit_refuses_foreign_ground_truth(tmp_path):
     gv_b = ground_truth(b, va, 1.0, 1e-2, rtol=1e-6, atol=1e-6, points=9)
     with pytest.raises(ValueError, match="different model"):
         af.fit_bespoke(a, af.BespokeSolver(2), gt_b, gv_b, t_end=1e-2, iterations=2, progress=False)
+
+
+@pytest.mark.parametrize("n", [3, 8])
+def test_scale_time_rk1_with_the_ddim_transform_is_ddim(n):
+    """Independent check of the RK1 scale-time step (not a restatement of its formula): with
+    s_r = alpha(t0)/alpha(t_r) and t_r such that rho = sigma/alpha is linear in r, Euler on the transformed
+    ODE is DDIM (Song et al. 2021; DDIM = Euler in (x/alpha, sigma/alpha)). Euler itself differs by O(1)."""
+    import adjointflow as af
+    from adjointflow.testing import GaussianMixture
+
+    F = torch.float64
+    sch = af.VPLinear()
+    den = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.5, 0.5]], [0.3, 0.5]).denoiser(sch, "eps")
+    T0, T1 = torch.tensor(1.0, dtype=F), torch.tensor(1e-3, dtype=F)
+    rho = lambda t: sch.sigma(t) / sch.alpha(t)
+    r0, r1 = rho(T0), rho(T1)
+    t_of = lambda r: sch.t_from_log_snr(-torch.log(r0 + r * (r1 - r0)))
+
+    def dt_dr(r):
+        t = t_of(r)
+        return (r1 - r0) / (rho(t) * (sch.dlog_sigma_dt(t) - sch.dlog_alpha_dt(t)))
+
+    s = lambda r: sch.alpha(T0) / sch.alpha(t_of(r))
+    b = af.BespokeSolver.from_transform(
+        n, "rk1", lambda r: (t_of(r) - T0) / (T1 - T0), lambda r: dt_dr(r) / (T1 - T0),
+        s, lambda r: -s(r) * sch.dlog_alpha_dt(t_of(r)) * dt_dr(r))
+    g = b.timesteps(1.0, 1e-3)
+    x = torch.randn(64, 2, dtype=F, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        xb, xd, xe = (af.solve(den, x, g, solver).x for solver in (b, af.DDIM(), af.Euler()))
+    assert (xb - xd).abs().max() < 1e-10
+    assert (xe - xd).abs().max() > 1e-2
