@@ -44,6 +44,7 @@ def _positive_float(s: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m adjointflow`` argument parser (subcommands ``demo``, ``train-digits``, ``bench``)."""
     from .demo.digits import DEFAULT_DIR
 
     ap = argparse.ArgumentParser(

@@ -265,6 +265,8 @@ class DigitsVelocityNet(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """Velocity ``v = eps - x0`` at ``(x, t)`` (``x_t = (1-t) x0 + t eps``); ``cond``: labels 0-9 (10 = null)
+        as a LongTensor, or float class weights (differentiable), or ``None`` (unconditional)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"

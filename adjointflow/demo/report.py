@@ -139,12 +139,14 @@ def _cell(v) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub-markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def console_table(header: list[str], rows: list[list]) -> str:
+    """A fixed-width plain-text table for the terminal."""
     cells = [header] + [[_cell(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]

@@ -200,10 +200,12 @@ class BespokeSolver(nn.Module, Solver):
     # --- Solver protocol ---------------------------------------------------------------------
     @property
     def order(self) -> int:  # type: ignore[override]
+        """1 for ``base="rk1"`` (Euler), 2 for ``"rk2"`` (midpoint): kept by any smooth transform."""
         return 1 if self.base == "rk1" else 2
 
     @property
     def nfe_per_step(self) -> int:  # type: ignore[override]
+        """Network evaluations per step: 1 (RK1) or 2 (RK2)."""
         return 1 if self.base == "rk1" else 2
 
     def extra_repr(self) -> str:
@@ -216,10 +218,12 @@ class BespokeSolver(nn.Module, Solver):
         return bool(torch.isfinite(self.interval).all())
 
     def init(self, model, x: Tensor, grid: Tensor) -> State:
+        """Check that ``grid`` is this solver's (see :meth:`timesteps`) and start from ``x``."""
         self._check_grid(grid)
         return State(x)
 
     def step(self, model, state: State, grid: Tensor, i: int, noise=None) -> State:
+        """One RK1/RK2 step of the scale-time transformed ODE from node ``i`` to ``i + 1`` (see :meth:`advance`)."""
         # Forward values are the grid's own times (equal to the learned ones, checked), gradients
         # reach the learned times: t = grid + (t_learned - sg(t_learned)).
         learned = self._times(grid[0], grid[-1])
