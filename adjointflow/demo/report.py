@@ -90,7 +90,9 @@ def plot_solvers(path: Path, runs, ref_x: Tensor, ref_label: str, nfes, n_show: 
         for j, nfe in enumerate(nfes):
             r = by.get((name, nfe))
             if r is None:
-                axes[i, j].text(0.5, 0.5, "failed", ha="center", va="center", fontsize=8)
+                learned = any(q.name == name and q.grid == "learned" for q in runs)
+                axes[i, j].text(0.5, 0.5, "trained for another NFE" if learned else "failed", ha="center",
+                                va="center", fontsize=8)
                 continue
             axes[i, j].imshow(strip(r.x, n_show), **kw)
             axes[i, j].set_xlabel(f"RMSE {r.rmse:.3f}  ({r.nfe} NFE)", fontsize=7, labelpad=1)

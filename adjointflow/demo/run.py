@@ -97,8 +97,9 @@ def _sampling_table(runs, nfes):
         cells = []
         for n in nfes:
             r = by.get((name, grid, n))
-            cells.append("failed" if r is None else f"{r.rmse:.4f}" + ("" if r.nfe == n else f" ({r.nfe})"))
-        last = by.get((name, grid, nfes[-1]))
+            missing = "—" if grid == "learned" else "failed"  # a trained solver exists for one NFE only
+            cells.append(missing if r is None else f"{r.rmse:.4f}" + ("" if r.nfe == n else f" ({r.nfe})"))
+        last = by.get((name, grid, nfes[-1])) or next((r for r in runs if (r.name, r.grid) == (name, grid)), None)
         ref = "SDE, fine-step" if last is not None and last.stochastic else "dopri5"
         rows.append([name, grid, *cells, None if last is None else round(last.seconds, 3), ref])
     return header, rows
@@ -109,7 +110,7 @@ def run_demo(out_dir="demo_out", quick: bool = False, weights=None, progress: bo
     """Run both parts of the demo, write the figures and ``results.md`` into ``out_dir``, print the tables."""
     from .inverse import make_tasks, method_factories, solve_inverse_problems
     from .report import console_table, fmt_bytes, plot_inverse, plot_solvers, psnr
-    from .sampling import compare_solvers, discover_solvers
+    from .sampling import SolverSpec, compare_solvers, discover_solvers
 
     cfg = config if config is not None else (QUICK if quick else FULL)
     if config is not None and quick:
@@ -128,6 +129,14 @@ def run_demo(out_dir="demo_out", quick: bool = False, weights=None, progress: bo
     x1 = torch.randn(cfg.n_samples, 1, 16, 16, generator=g)
     labels = torch.arange(cfg.n_samples) % 10
     specs, notes = discover_solvers()
+    try:  # the bundled bespoke solver, trained for this model (adjointflow/demo/bespoke_digits.py)
+        from .bespoke_digits import load_bundled_bespoke
+
+        bespoke = load_bundled_bespoke(den)
+        specs.append(SolverSpec("BespokeSolver(rk2, trained)", bespoke, grid=bespoke.timesteps()))
+        notes = [n for n in notes if not n.startswith("BespokeSolver")]
+    except (FileNotFoundError, ValueError) as exc:
+        notes.append(f"BespokeSolver: skipped ({exc})")
     say(f"(a) sampling with {len(specs)} solvers at NFE {list(cfg.nfes)} ({cfg.n_samples} samples, labels 0-9)")
     t0 = time.perf_counter()
     runs, refs, fail = compare_solvers(den, x1, labels, specs, cfg.nfes, t_start=cfg.t_start, t_end=cfg.t_end,
@@ -143,7 +152,7 @@ def run_demo(out_dir="demo_out", quick: bool = False, weights=None, progress: bo
     say(console_table(header_a, rows_a))
     say(ref_info)
     files = {"solvers": out / "solvers.png", "inverse": out / "inverse_problems.png", "results": out / "results.md"}
-    plot_solvers(files["solvers"], [r for r in runs if r.grid == cfg.grids[0]], ref_x, f"dopri5 ({ref_nfe} NFE)",
+    plot_solvers(files["solvers"], [r for r in runs if r.grid in (cfg.grids[0], "learned")], ref_x, f"dopri5 ({ref_nfe} NFE)",
                  list(cfg.nfes), cfg.n_show, grid=cfg.grids[0])
 
     # ---- (b) inverse problems -----------------------------------------------------------------

@@ -33,6 +33,7 @@ NEEDS_TRAINING = {"BespokeSolver": "needs a solver trained for this model (see a
 class SolverSpec:
     name: str
     solver: Solver
+    grid: Tensor | None = None  # a solver with its own fixed grid (a trained BespokeSolver) runs only on it
 
 
 @dataclass
@@ -142,6 +143,19 @@ def compare_solvers(den: Denoiser, x1: Tensor, cond, specs: list[SolverSpec], nf
 
     runs: list[SampleRun] = []
     failed: set[str] = set()
+    for spec in [s for s in specs if s.grid is not None]:
+        g = spec.grid
+        nfe = int(spec.solver.nfe_per_step) * (len(g) - 1)
+        if nfe not in nfes or abs(float(g[0]) - t_start) > 1e-12 or abs(float(g[-1]) - t_end) > 1e-12:
+            notes.append(f"{spec.name}: skipped (trained for NFE {nfe} on [{float(g[0])}, {float(g[-1])}], "
+                         f"not one of NFE {list(nfes)} on [{t_start}, {t_end}])")
+            continue
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            sol = solve(den, x1, g, spec.solver, cond=cond)
+        runs.append(SampleRun(spec.name, "learned", nfe, sol.nfe, len(g) - 1, time.perf_counter() - t0,
+                              rmse(sol.x, x_ref), "dopri5", False, sol.x.detach()))
+    specs = [s for s in specs if s.grid is None]
     jobs = [(s, k, n) for s in specs for k in grids for n in nfes]
     bar = tqdm(jobs, desc="(a) solvers", disable=not progress, leave=False)
     for spec, kind, nfe in bar:
