@@ -20,13 +20,12 @@ API::
 unconditional (the model was trained with 10 % label dropout, so classifier-free guidance
 ``v = v_null + w (v_cond - v_null)`` works).
 
-Train from the command line with ``python -m adjointflow.demo.digits [--out DIR] [--steps N]``
-(or the package CLI ``python -m adjointflow train-digits``).
+Train from the command line with ``python -m adjointflow train-digits [--out DIR] [--steps N]``
+(``python -m adjointflow.demo.digits`` is the same command).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -532,7 +531,7 @@ def load_digits_model(
         if not f.is_file():
             raise FileNotFoundError(
                 f"digits model file not found: {f}. Train the model with `{TRAIN_COMMAND}` "
-                f"(or `python -m adjointflow.demo.digits --out DIR`), which writes "
+                f"(or `python -m adjointflow train-digits --out DIR`), which writes "
                 f"{WEIGHTS_NAME} and {META_NAME}."
             )
     with open(meta_path) as fh:
@@ -556,35 +555,10 @@ def load_digits_model(
 # command line
 # --------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m adjointflow.demo.digits",
-        description="Train the small flow-matching model on sklearn's 8x8 digits.",
-    )
-    ap.add_argument("--out", default=str(DEFAULT_DIR), help="output directory (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=7000)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--log-every", type=int, default=100)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _, meta = train_digits(
-        args.out,
-        steps=args.steps,
-        batch=args.batch,
-        lr=args.lr,
-        seed=args.seed,
-        log_every=args.log_every,
-        progress=not args.no_progress,
-    )
-    print(
-        f"wrote {Path(args.out) / WEIGHTS_NAME} ({meta['n_params']} params); "
-        f"final loss {meta['final_loss']:.4f}, test loss {meta['test_loss_ema']:.4f}, "
-        f"{meta['seconds']:.0f} s",
-        flush=True,
-    )
-    return 0
+    """``python -m adjointflow.demo.digits [args]`` is ``python -m adjointflow train-digits [args]``."""
+    from ..cli import main as cli_main
+
+    return cli_main(["train-digits", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
