@@ -77,8 +77,8 @@ class Problem:
     save_trajectory: bool = False
     progress: bool = False
 
-    def model(self, cond=None) -> ModelCall:
-        return ModelCall(self.denoiser, self.cond if cond is None else cond)
+    def model(self) -> ModelCall:
+        return ModelCall(self.denoiser, self.cond)
 
 
 def all_finite(x: Tensor) -> bool:
@@ -99,9 +99,9 @@ def _check_finite(x: Tensor, i: int, t) -> None:
 
 
 def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, stop: int | None = None,
-              trajectory: list | None = None, states: list | None = None) -> State:
+              trajectory: list | None = None) -> State:
     """Run steps ``start .. stop-1`` of ``problem`` from ``state``; optionally collect each new
-    ``x`` into ``trajectory`` and each new :class:`State` into ``states``."""
+    ``x`` into ``trajectory``."""
     grid, solver, noise, cb = problem.grid, problem.solver, problem.noise, problem.callback
     stop = len(grid) - 1 if stop is None else stop
     steps = range(start, stop)
@@ -124,8 +124,6 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
             state = new
             if trajectory is not None:
                 trajectory.append(state.x)
-            if states is not None:
-                states.append(state)
             if bar is not None:
                 bar.update(1)
     finally:

@@ -68,10 +68,7 @@ class GaussianData(nn.Module):
     # --- the ideal denoiser ----------------------------------------------------------------
     def posterior_mean_x0(self, schedule, x, t, cond=None) -> Tensor:
         """Tweedie's ``E[x_0 | x_t = x]``."""
-        t = _bcast(t, x)
-        a, s = schedule.alpha(t).to(x.dtype), schedule.sigma(t).to(x.dtype)
-        mu, v = self._mu(x, cond), self.std.to(x.dtype) ** 2
-        return mu + a * v / (a * a * v + s * s) * (x - a * mu)
+        return self.posterior_means(schedule, x, t, cond)[0]
 
     def posterior_means(self, schedule, x, t, cond=None):
         """``(E[x_0|x_t], E[eps|x_t])``; ``E[eps|x_t] = sigma (x_t - alpha mu)/(alpha^2 s^2 + sigma^2)`` in closed
