@@ -2,9 +2,13 @@
 smooth transform, exact (straight-through) gradients, training on a 2-D mixture, save/load, strategies."""
 from __future__ import annotations
 
+import copy
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from torchdiffeq import odeint
@@ -544,3 +548,192 @@ def test_scale_time_rk1_with_the_ddim_transform_is_ddim(n):
         xb, xd, xe = (af.solve(den, x, g, solver).x for solver in (b, af.DDIM(), af.Euler()))
     assert (xb - xd).abs().max() < 1e-10
     assert (xe - xd).abs().max() > 1e-2
+
+
+# --- trust: model identity, checksums, damaged files (issue 12 items 4, 5, 10) ----------------------
+GLOBAL_SCALE = torch.tensor(1.0, dtype=F64)
+
+
+def _scaled(x, t, scale=1.0):
+    return scale * torch.tanh(x) * (1 - t[:, None])
+
+
+def _reads_a_global(x, t):
+    return GLOBAL_SCALE * torch.tanh(x) * (1 - t[:, None])
+
+
+class _CallableNet:
+    """A network that is a plain callable object (not an nn.Module)."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def __call__(self, x, t):
+        return self.w * torch.tanh(x) * (1 - t[:, None])
+
+
+class _NumpyNet(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = np.asarray(w, dtype=np.float64)  # a numpy attribute: not a parameter nor a buffer
+
+    def forward(self, x, t):
+        return torch.as_tensor(self.w) * torch.tanh(x) * (1 - t[:, None])
+
+
+def _vden(net):
+    return af.Denoiser(net, af.LinearFlow(), "velocity")
+
+
+def _trained_for(den, tmp_path, name="s.pt", **kw):
+    s = BespokeSolver(2, "rk1")
+    g = torch.Generator().manual_seed(3)
+    tr, va = (torch.randn(16, 2, generator=g, dtype=F64) for _ in range(2))
+    fit_bespoke(den, s, tr, va, t_end=1e-2, iterations=2, loss="rmse", progress=False, rtol=1e-6, atol=1e-6,
+                gt_points=2, **kw)
+    s.save(tmp_path / name, **kw)
+    return tmp_path / name
+
+
+def test_fingerprint_tells_apart_networks_that_are_not_modules(tmp_path, monkeypatch):
+    """functools.partial, callable objects, functions reading globals and numpy attributes are hashed by
+    value: a solver saved for one model is refused for the other (on the round-1 code all four loaded)."""
+    pairs = {
+        "partial": (functools.partial(_scaled, scale=1.0), functools.partial(_scaled, scale=2.0)),
+        "callable object": (_CallableNet(torch.tensor(1.0, dtype=F64)), _CallableNet(torch.tensor(2.0, dtype=F64))),
+        "numpy attribute": (_NumpyNet([1.0, 1.0]), _NumpyNet([1.0, 2.0])),
+    }
+    for kind, (a, b) in pairs.items():
+        assert model_fingerprint(_vden(a)) == model_fingerprint(_vden(copy.deepcopy(a))), kind  # by value, not id
+        path = _trained_for(_vden(a), tmp_path, f"{kind}.pt")
+        with pytest.raises(ValueError, match="different model"):
+            BespokeSolver.load(path, denoiser=_vden(b))
+        assert BespokeSolver.load(path, denoiser=_vden(a)).trained
+    path = _trained_for(_vden(_reads_a_global), tmp_path, "global.pt")
+    monkeypatch.setattr(sys.modules[__name__], "GLOBAL_SCALE", torch.tensor(2.0, dtype=F64))
+    with pytest.raises(ValueError, match="different model"):
+        BespokeSolver.load(path, denoiser=_vden(_reads_a_global))
+
+
+def test_a_network_the_fingerprint_cannot_see_needs_a_model_id(tmp_path):
+    """State held in a C object (here a torch.Generator in a closure) cannot be hashed by value: fitting,
+    saving and loading refuse to claim the model unless the user names it with model_id."""
+    from adjointflow.fingerprint import FingerprintGap
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(2, generator=gen, dtype=F64)
+
+    def net(x, t):
+        return w * torch.tanh(x) * (1 - t[:, None]) + 0 * torch.rand(1, generator=gen, dtype=F64)
+
+    den = _vden(net)
+    with pytest.raises(FingerprintGap, match="closure variable 'gen'.*model_id"):
+        model_fingerprint(den)
+    with pytest.raises(ValueError, match="model_id"):
+        _trained_for(den, tmp_path)
+    path = _trained_for(den, tmp_path, model_id="tanh-net-v1")
+    assert BespokeSolver.load(path, denoiser=den, model_id="tanh-net-v1").trained
+    with pytest.raises(ValueError, match="model_id"):
+        BespokeSolver.load(path, denoiser=den)
+    with pytest.raises(ValueError, match="different model"):
+        BespokeSolver.load(path, denoiser=den, model_id="tanh-net-v2")
+    with pytest.raises(ValueError, match="model_id must be a non-empty string"):
+        model_fingerprint(den, model_id="")
+
+
+def _flip_byte_of(path, needle: bytes):
+    data = bytearray(path.read_bytes())
+    k = data.find(needle)
+    assert k >= 0 and data.find(needle, k + 1) < 0
+    data[k + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_saved_solver_carries_a_checksum(tmp_path, trained_rk1):
+    """One flipped byte in a tensor record, or edited metadata, is a ValueError naming the file."""
+    s = trained_rk1[0]
+    den = den_mix()
+    path = tmp_path / "solver.pt"
+    s.save(path)
+    _flip_byte_of(path, s.kappa.detach().numpy().tobytes())
+    with pytest.raises(ValueError, match=f"{path}.*checksum"):
+        BespokeSolver.load(path, denoiser=den)
+    for key, value in (("base", "rk2"), ("n_steps", 3), ("state_dict", None)):
+        s.save(path)
+        blob = torch.load(path, weights_only=True)
+        if key == "state_dict":
+            blob["state_dict"]["interval"] = torch.tensor([1.0, 0.01], dtype=F64)
+        else:
+            blob[key] = value
+        torch.save(blob, path)
+        with pytest.raises(ValueError, match=f"{path}.*checksum"):
+            BespokeSolver.load(path, denoiser=den)
+
+
+def test_ground_truth_cache_carries_a_checksum(tmp_path):
+    den, x = den_mix(), randn(16, 2, seed=31)
+    path = tmp_path / "gt.pt"
+    gt = ground_truth(den, x, T0, T1, points=9, cache=path)
+    _flip_byte_of(path, gt.x_end.numpy().tobytes()[:64])
+    with pytest.raises(ValueError, match=f"{path}.*checksum"):
+        ground_truth(den, x, T0, T1, points=9, cache=path)
+    ground_truth(den, x, T0, T1, points=9, cache=tmp_path / "fresh.pt")
+    blob = torch.load(tmp_path / "fresh.pt", weights_only=True)
+    blob["nfe"] += 1
+    torch.save(blob, tmp_path / "fresh.pt")
+    with pytest.raises(ValueError, match="fresh.pt.*checksum"):
+        ground_truth(den, x, T0, T1, points=9, cache=tmp_path / "fresh.pt")
+    torch.save({"x": x}, tmp_path / "other.pt")  # not a cache: refused, never overwritten
+    with pytest.raises(ValueError, match="other.pt is not a ground-truth cache"):
+        ground_truth(den, x, T0, T1, points=9, cache=tmp_path / "other.pt")
+
+
+def test_damaged_files_raise_value_error_naming_the_file(tmp_path, trained_rk1):
+    s, den = trained_rk1[0], den_mix()
+    good = tmp_path / "good.pt"
+    s.save(good)
+    data = good.read_bytes()
+    cases = {"truncated.pt": data[: len(data) // 2], "empty.pt": b"", "garbage.pt": b"\x00not a zip" * 10}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{tmp_path / name} is not a readable BespokeSolver file"):
+            BespokeSolver.load(tmp_path / name, denoiser=den)
+    blob = torch.load(good, weights_only=True)
+    for key in ("n_steps", "state_dict", "sha256", "model_fingerprint"):
+        torch.save({k: v for k, v in blob.items() if k != key}, tmp_path / "incomplete.pt")
+        with pytest.raises(ValueError, match=f"incomplete.pt is an incomplete BespokeSolver file: '{key}'"):
+            BespokeSolver.load(tmp_path / "incomplete.pt", denoiser=den)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        BespokeSolver.load(tmp_path / "missing.pt", denoiser=den)
+    # parameters that do not fit, or are not finite, behind a valid checksum
+    from adjointflow.fingerprint import digest
+
+    meta = {k: blob[k] for k in ("format", "version", "n_steps", "base", "model_fingerprint")}
+    for bad in ({**blob["state_dict"], "kappa": torch.zeros(7, dtype=F64)},
+                {**blob["state_dict"], "kappa": torch.full((4,), math.nan, dtype=F64)},
+                {k: v for k, v in blob["state_dict"].items() if k != "sdot"}):
+        torch.save({**blob, "state_dict": bad, "sha256": digest(meta, bad)}, tmp_path / "bad.pt")
+        with pytest.raises(ValueError, match="bad.pt: the saved parameters"):
+            BespokeSolver.load(tmp_path / "bad.pt", denoiser=den)
+
+
+def test_demo_skips_a_damaged_bundled_solver_with_a_one_line_note(tmp_path, monkeypatch):
+    """A truncated bundled bespoke file does not abort the demo: that solver is skipped with one line."""
+    from adjointflow.demo import bespoke_digits
+    from adjointflow.demo.run import DemoConfig, run_demo
+
+    nfe = sorted(bespoke_digits.BUNDLED)[0]
+    src = bespoke_digits.bundled_path(nfe)
+    damaged = tmp_path / "bundle"
+    damaged.mkdir()
+    data = src.read_bytes()
+    bespoke_digits.bundled_path(nfe, damaged).write_bytes(data[: len(data) - 200])
+    monkeypatch.setattr(bespoke_digits, "BUNDLE_DIR", damaged)
+    cfg = DemoConfig(n_samples=2, nfes=(nfe,), grids=("uniform",), sde_ref_steps=4, n_inverse=1, n_show=1,
+                     guidance_steps=2, dflow_iterations=1, adjoint_iterations=1, measure_memory=False)
+    res = run_demo(out_dir=tmp_path / "out", config=cfg, progress=False)
+    skipped = [n for n in res.notes if n.startswith("BespokeSolver")]
+    assert len(skipped) == 1 and "\n" not in skipped[0], res.notes
+    assert f"NFE {nfe}: skipped" in skipped[0] and "not a readable BespokeSolver file" in skipped[0]
+    assert not any(r.name.startswith("BespokeSolver") for r in res.sample_runs)
+    assert (tmp_path / "out" / "results.md").is_file()

@@ -229,7 +229,7 @@ def test_bundled_bespoke_solver_loads_for_the_bundled_model_only():
     """The demo's bespoke solver (adjointflow/demo/bespoke_digits.py) loads for the committed model and
     beats its base (midpoint, identity parameters) against dopri5 on fresh latents; another model is refused."""
     import adjointflow as af
-    from adjointflow.demo.bespoke_digits import BESPOKE_STEPS, load_bundled_bespoke
+    from adjointflow.demo.bespoke_digits import BUNDLED, load_bundled_bespoke
     from adjointflow.demo.run import load_denoiser
     from adjointflow.demo.sampling import dopri5_reference
 
@@ -241,7 +241,7 @@ def test_bundled_bespoke_solver_loads_for_the_bundled_model_only():
     ref, _ = dopri5_reference(den, x, g, y, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         err_b = float((af.solve(den, x, g, solver, cond=y).x - ref).pow(2).mean().sqrt())
-        base = af.BespokeSolver(BESPOKE_STEPS, "rk2")  # identity parameters = midpoint on a uniform grid
+        base = af.BespokeSolver(BUNDLED[10][1], "rk2")  # identity parameters = midpoint on a uniform grid
         err_m = float((af.solve(den, x, base.timesteps(float(g[0]), float(g[-1])), base, cond=y).x - ref)
                       .pow(2).mean().sqrt())
     assert err_b < 0.75 * err_m, (err_b, err_m)

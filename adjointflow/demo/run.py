@@ -129,14 +129,13 @@ def run_demo(out_dir="demo_out", quick: bool = False, weights=None, progress: bo
     x1 = torch.randn(cfg.n_samples, 1, 16, 16, generator=g)
     labels = torch.arange(cfg.n_samples) % 10
     specs, notes = discover_solvers()
-    try:  # the bundled bespoke solver, trained for this model (adjointflow/demo/bespoke_digits.py)
-        from .bespoke_digits import load_bundled_bespoke
+    # the bundled bespoke solvers, trained for this model (adjointflow/demo/bespoke_digits.py); one
+    # that cannot be loaded is skipped with a note
+    from .bespoke_digits import bundled_bespoke_solvers
 
-        bespoke = load_bundled_bespoke(den)
-        specs.append(SolverSpec("BespokeSolver(rk2, trained)", bespoke, grid=bespoke.timesteps()))
-        notes = [n for n in notes if not n.startswith("BespokeSolver")]
-    except (FileNotFoundError, ValueError) as exc:
-        notes.append(f"BespokeSolver: skipped ({exc})")
+    bespoke, bespoke_notes = bundled_bespoke_solvers(den, cfg.nfes)
+    specs += [SolverSpec("BespokeSolver (trained per NFE)", s, grid=s.timesteps()) for s in bespoke.values()]
+    notes = [n for n in notes if not n.startswith("BespokeSolver")] + bespoke_notes
     say(f"(a) sampling with {len(specs)} solvers at NFE {list(cfg.nfes)} ({cfg.n_samples} samples, labels 0-9)")
     t0 = time.perf_counter()
     runs, refs, fail = compare_solvers(den, x1, labels, specs, cfg.nfes, t_start=cfg.t_start, t_end=cfg.t_end,

@@ -38,8 +38,6 @@ solver, one whose ends differ from the interval it was trained on.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
 import os
 from typing import Callable
@@ -47,91 +45,16 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..fingerprint import describe_error, digest, model_fingerprint, save_atomic
 from .base import Solver, State
 
 __all__ = ["BespokeSolver", "model_fingerprint"]
 
 _BASES = ("rk1", "rk2")
 _FORMAT = "adjointflow.BespokeSolver"
-_VERSION = 1
+_VERSION = 2  # 2: SHA-256 of the metadata and every tensor
 # interior grid points must match the learned times to this fraction of the interval length
 _GRID_RTOL = 1e-9
-
-
-def _feed(h, v, depth: int = 0) -> None:
-    """Hash a value that can change a model's drift: tensors by bytes, numbers/strings by repr, dataclasses
-    and containers recursively, callables by their code, constants, defaults and closure contents."""
-    if depth > 6:
-        h.update(b"<deep>")
-        return
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu().contiguous()
-        h.update(f"T:{v.dtype}:{tuple(v.shape)}".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    elif v is None or isinstance(v, (bool, int, float, complex, str, bytes, torch.dtype)):
-        h.update(f"{type(v).__name__}:{v!r}".encode())
-    elif dataclasses.is_dataclass(v) and not isinstance(v, type):
-        h.update(type(v).__qualname__.encode())
-        for f in dataclasses.fields(v):
-            h.update(f.name.encode())
-            _feed(h, getattr(v, f.name), depth + 1)
-    elif isinstance(v, (list, tuple)):
-        for e in v:
-            _feed(h, e, depth + 1)
-    elif isinstance(v, dict):
-        for k in sorted(v, key=repr):
-            h.update(repr(k).encode())
-            _feed(h, v[k], depth + 1)
-    elif callable(v) and hasattr(v, "__code__"):
-        code = v.__code__
-        h.update(type(v).__qualname__.encode() + code.co_code + repr(code.co_consts).encode())
-        _feed(h, getattr(v, "__defaults__", None), depth + 1)
-        for cell in getattr(v, "__closure__", None) or ():
-            try:
-                _feed(h, cell.cell_contents, depth + 1)
-            except ValueError:  # empty cell
-                pass
-    elif isinstance(v, nn.Module):
-        _feed_module(h, v, depth + 1)
-    else:
-        h.update(type(v).__qualname__.encode())
-
-
-def _feed_module(h, module: nn.Module, depth: int = 0) -> None:
-    # parameters and buffers, plus every plain attribute of every submodule (e.g. a guidance scale or a
-    # schedule held by an exact denoiser), which state_dict() does not contain
-    for name, v in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        _feed(h, v, depth + 1)
-    for mname, m in sorted(module.named_modules(), key=lambda kv: kv[0]):
-        h.update(f"M:{mname}:{type(m).__module__}.{type(m).__qualname__}".encode())
-        for k, v in sorted(vars(m).items()):
-            if k.startswith("_") or k == "training" or isinstance(v, nn.Module):
-                continue
-            h.update(k.encode())
-            _feed(h, v, depth + 1)
-
-
-def model_fingerprint(denoiser) -> str:
-    """A short SHA-256 of what determines a denoiser's drift: the network (class, every parameter and
-    buffer, and the plain attributes of every submodule, such as a classifier-free guidance scale; a
-    plain-function network by its code, constants and closure), the schedule (every field, tensors by
-    value: two ``VPDiscrete`` tables differ), the prediction type, the time convention and ``net_time``
-    (by its code, constants and closure)."""
-    from ..models import Denoiser
-
-    if not isinstance(denoiser, Denoiser):
-        raise TypeError(f"denoiser must be an adjointflow.Denoiser, got {type(denoiser).__name__}")
-    h = hashlib.sha256()
-    net = denoiser.net
-    h.update((type(net).__module__ + "." + type(net).__qualname__).encode())
-    if isinstance(net, nn.Module):
-        _feed_module(h, net)
-    else:
-        _feed(h, net)
-    for v in (denoiser.schedule, denoiser.prediction, denoiser.noise_at_zero, denoiser.net_time):
-        _feed(h, v)
-    return h.hexdigest()[:16]
 
 
 class _AddScaled(torch.autograd.Function):
@@ -407,38 +330,32 @@ class BespokeSolver(nn.Module, Solver):
         return solver
 
     # --- persistence -------------------------------------------------------------------------
-    def save(self, path, denoiser=None, fingerprint: str | None = None) -> None:
+    def save(self, path, denoiser=None, fingerprint: str | None = None, *, model_id: str | None = None) -> None:
         """Write the parameters with the metadata :meth:`load` checks: format version, ``n_steps``,
-        ``base``, the trained interval and the fingerprint of the model it was trained for (taken
-        from ``denoiser``, else from ``fingerprint``, else the one :func:`fit_bespoke` recorded)."""
-        fp = model_fingerprint(denoiser) if denoiser is not None else fingerprint
+        ``base``, the trained interval, the fingerprint of the model it was trained for (taken from
+        ``denoiser`` and ``model_id``, else from ``fingerprint``, else the one :func:`fit_bespoke`
+        recorded) and a SHA-256 of all of it. The file is replaced atomically (written next to
+        ``path``, then renamed): an interrupted save leaves the previous file intact."""
+        fp = model_fingerprint(denoiser, model_id) if denoiser is not None else fingerprint
         if fp is not None and self.model_fingerprint is not None and fp != self.model_fingerprint:
             raise ValueError("this solver was trained for a different model than the one given to save(); "
                              "a bespoke solver is only valid for the model it was fitted to")
         fp = fp if fp is not None else self.model_fingerprint
         if fp is None:
             raise ValueError("unknown model: pass the denoiser this solver was trained for, save(path, denoiser)")
-        torch.save(
-            {
-                "format": _FORMAT,
-                "version": _VERSION,
-                "n_steps": self.n_steps,
-                "base": self.base,
-                "model_fingerprint": fp,
-                "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-            },
-            os.fspath(path),
-        )
+        meta = {"format": _FORMAT, "version": _VERSION, "n_steps": self.n_steps, "base": self.base,
+                "model_fingerprint": fp}
+        tensors = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+        save_atomic({**meta, "state_dict": tensors, "sha256": digest(meta, tensors)}, path)
 
     @classmethod
-    def load(cls, path, *, denoiser, n_steps: int | None = None, base: str | None = None) -> "BespokeSolver":
-        """Load a solver saved by :meth:`save` for ``denoiser``. Raises ``ValueError`` if the file was
-        trained for a different model (fingerprint), or for another ``n_steps``/``base`` than asked."""
-        blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a saved BespokeSolver")
-        if blob.get("version") != _VERSION:
-            raise ValueError(f"{path} has BespokeSolver format version {blob.get('version')}, expected {_VERSION}")
+    def load(cls, path, *, denoiser, n_steps: int | None = None, base: str | None = None,
+             model_id: str | None = None) -> "BespokeSolver":
+        """Load a solver saved by :meth:`save` for ``denoiser`` (and ``model_id``, if it was saved with
+        one). ``ValueError`` naming the file if it is unreadable, incomplete or altered (checksum), or
+        was trained for a different model (fingerprint) or another ``n_steps``/``base`` than asked;
+        ``FileNotFoundError`` if there is no file."""
+        blob = _read_blob(path)
         if n_steps is not None and n_steps != blob["n_steps"]:
             raise ValueError(
                 f"{path} holds a BespokeSolver trained for n_steps={blob['n_steps']}, but n_steps={n_steps} was "
@@ -446,13 +363,48 @@ class BespokeSolver(nn.Module, Solver):
             )
         if base is not None and base != blob["base"]:
             raise ValueError(f"{path} holds a base={blob['base']!r} BespokeSolver, but base={base!r} was requested")
-        fp = model_fingerprint(denoiser)
+        fp = model_fingerprint(denoiser, model_id)
         if fp != blob["model_fingerprint"]:
             raise ValueError(
                 f"{path} was trained for a different model (fingerprint {blob['model_fingerprint']}, this denoiser "
                 f"has {fp}); a bespoke solver only fits the model it was trained for, so retrain it"
             )
         solver = cls(blob["n_steps"], blob["base"])
-        solver.load_state_dict(blob["state_dict"])
+        try:
+            solver.load_state_dict(blob["state_dict"])
+        except RuntimeError as exc:  # missing/unexpected keys, wrong shapes
+            raise ValueError(f"{path}: the saved parameters do not fit a BespokeSolver({blob['n_steps']}, "
+                             f"{blob['base']!r}): {describe_error(exc)}") from exc
+        if not all(bool(torch.isfinite(p).all()) for p in solver.parameters()):
+            raise ValueError(f"{path}: the saved parameters are not all finite")
         solver.model_fingerprint = fp
         return solver
+
+
+def _read_blob(path) -> dict:
+    """The checked contents of a saved solver: every key present with its type, checksum verified."""
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"no saved BespokeSolver at {path}")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, bad pickle, ...: torch's messages do not name the file
+        raise ValueError(f"{path} is not a readable BespokeSolver file ({describe_error(exc)})") from exc
+    if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a saved BespokeSolver")
+    if blob.get("version") != _VERSION:
+        raise ValueError(f"{path} has BespokeSolver format version {blob.get('version')!r}, expected {_VERSION} "
+                         f"(version 1 files carry no checksum: retrain, or load with the release that wrote it)")
+    kinds = {"n_steps": int, "base": str, "model_fingerprint": str, "state_dict": dict, "sha256": str}
+    for key, kind in kinds.items():
+        if not isinstance(blob.get(key), kind) or isinstance(blob.get(key), bool):
+            raise ValueError(f"{path} is an incomplete BespokeSolver file: {key!r} is missing or not a {kind.__name__}")
+    tensors = blob["state_dict"]
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()):
+        raise ValueError(f"{path} is a damaged BespokeSolver file: its state_dict holds non-tensors")
+    meta = {k: blob[k] for k in ("format", "version", "n_steps", "base", "model_fingerprint")}
+    if digest(meta, tensors) != blob["sha256"]:
+        raise ValueError(f"{path} fails its checksum: the file was altered or damaged after it was saved")
+    if blob["n_steps"] < 1 or blob["base"] not in _BASES:
+        raise ValueError(f"{path} declares an invalid BespokeSolver(n_steps={blob['n_steps']!r}, base={blob['base']!r})")
+    return blob

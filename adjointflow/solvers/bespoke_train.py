@@ -27,11 +27,13 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .bespoke import BespokeSolver, model_fingerprint
+from ..fingerprint import describe_error, digest, model_fingerprint, save_atomic
+from .bespoke import BespokeSolver
 
 __all__ = ["GroundTruth", "ground_truth", "fit_bespoke", "BespokeHistory", "bespoke_loss", "rmse"]
 
 LOSSES = ("bound", "rmse")
+_GT_FORMAT = "adjointflow.GroundTruth/2"
 
 
 def rmse(a: Tensor, b: Tensor) -> float:
@@ -114,15 +116,17 @@ def _gt_key(fp, x, cond, t_start, t_end, rtol, atol, points) -> str:
 
 
 def ground_truth(denoiser, x: Tensor, t_start: float, t_end: float, *, cond=None, rtol: float = 1e-10,
-                 atol: float = 1e-10, points: int = 257, cache=None) -> GroundTruth:
+                 atol: float = 1e-10, points: int = 257, cache=None, model_id: str | None = None) -> GroundTruth:
     """Solve the PF-ODE ``dx/dt = u(x, t)`` from ``x`` at ``t_start`` to ``t_end`` with dopri5
     (``torchdiffeq.odeint``; no step passes ``t_end``) and keep ``x`` and ``u`` at ``points`` uniformly
     spaced times. Tolerances are absolute/relative in ``x``'s dtype: use float64 for tight ones.
 
-    ``cache`` (a file path) stores the result and reuses it when model fingerprint, samples,
-    interval, tolerances and ``points`` all match. The ``"rmse"`` loss reads only the two ends
-    (``points=2`` suffices); the ``"bound"`` loss reads ``x(t)`` at the learned times by interpolation,
-    whose error is ``O((1/points)^4)``.
+    ``cache`` (a file path) stores the result with a SHA-256 of its contents and reuses it when model
+    fingerprint (see :func:`~adjointflow.fingerprint.model_fingerprint`; ``model_id`` for networks it
+    cannot hash), samples, interval, tolerances and ``points`` all match; a cache for other inputs is
+    recomputed and replaced, a damaged or altered one raises ``ValueError`` naming the file. The
+    ``"rmse"`` loss reads only the two ends (``points=2`` suffices); the ``"bound"`` loss reads ``x(t)``
+    at the learned times by interpolation, whose error is ``O((1/points)^4)``.
     """
     from torchdiffeq import odeint
 
@@ -137,14 +141,14 @@ def ground_truth(denoiser, x: Tensor, t_start: float, t_end: float, *, cond=None
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ValueError(f"points must be an int >= 2, got {points!r}")
     x = x.detach()
+    fp = model_fingerprint(denoiser, model_id)
     key = None
     if cache is not None:
-        key = _gt_key(model_fingerprint(denoiser), x, cond, t_start, t_end, rtol, atol, points)
-        if os.path.exists(cache):
-            blob = torch.load(os.fspath(cache), map_location="cpu", weights_only=True)
-            if isinstance(blob, dict) and blob.get("key") == key:
-                return GroundTruth(blob["times"], blob["x"].to(x.device), blob["u"].to(x.device), cond,
-                                   blob["nfe"], blob["seconds"], model_fingerprint(denoiser))
+        key = _gt_key(fp, x, cond, t_start, t_end, rtol, atol, points)
+        blob = _read_gt_cache(cache)
+        if blob is not None and blob["key"] == key:
+            return GroundTruth(blob["times"], blob["x"].to(x.device), blob["u"].to(x.device), cond,
+                               blob["nfe"], blob["seconds"], fp)
     times = t_start + (t_end - t_start) * torch.linspace(0.0, 1.0, points, dtype=torch.float64)
     times[0], times[-1] = t_start, t_end
     nfe = 0
@@ -162,11 +166,34 @@ def ground_truth(denoiser, x: Tensor, t_start: float, t_end: float, *, cond=None
         us = torch.stack([denoiser(xs[k], times[k], cond).velocity for k in range(points)])
     if not bool(torch.isfinite(xs).all()) or not bool(torch.isfinite(us).all()):
         raise ValueError("the ground-truth solve produced NaN/Inf; move t_end away from a singular end of the schedule")
-    gt = GroundTruth(times, xs, us, cond, nfe + points, time.perf_counter() - start, model_fingerprint(denoiser))
+    gt = GroundTruth(times, xs, us, cond, nfe + points, time.perf_counter() - start, fp)
     if cache is not None:
-        torch.save({"key": key, "times": times, "x": xs.cpu(), "u": us.cpu(), "nfe": gt.nfe, "seconds": gt.seconds},
-                   os.fspath(cache))
+        meta = {"format": _GT_FORMAT, "key": key, "nfe": gt.nfe, "seconds": gt.seconds}
+        tensors = {"times": times, "x": xs.cpu(), "u": us.cpu()}
+        save_atomic({**meta, **tensors, "sha256": digest(meta, tensors)}, cache)
     return gt
+
+
+def _read_gt_cache(path) -> dict | None:
+    """A verified ground-truth cache, or ``None`` if there is no file; ``ValueError`` naming the file
+    if it is not a cache, is incomplete or fails its checksum (never silently overwritten)."""
+    if not os.path.exists(os.fspath(path)):
+        return None
+    try:
+        blob = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"ground-truth cache {path} is unreadable ({describe_error(exc)}); delete it to recompute") from exc
+    if not isinstance(blob, dict) or blob.get("format") != _GT_FORMAT:
+        raise ValueError(f"{path} is not a ground-truth cache of this version; delete it or choose another cache path")
+    kinds = {"key": str, "nfe": int, "seconds": float, "times": Tensor, "x": Tensor, "u": Tensor, "sha256": str}
+    for k, kind in kinds.items():
+        if not isinstance(blob.get(k), kind):
+            raise ValueError(f"ground-truth cache {path} is incomplete: {k!r} is missing or not a {kind.__name__}")
+    meta = {k: blob[k] for k in ("format", "key", "nfe", "seconds")}
+    if digest(meta, {k: blob[k] for k in ("times", "x", "u")}) != blob["sha256"]:
+        raise ValueError(f"ground-truth cache {path} fails its checksum: it was altered or damaged after it was "
+                         f"written; delete it to recompute")
+    return blob
 
 
 def _aux(gt: GroundTruth, t: Tensor, idx, model) -> Tensor:
@@ -255,6 +282,7 @@ def fit_bespoke(
     gt_points: int = 257,
     gt_cache: tuple | None = None,
     progress: bool = True,
+    model_id: str | None = None,
 ) -> BespokeHistory:
     """Train ``solver`` in place for ``denoiser`` with Adam (the training loop of Shaul et al. 2024).
 
@@ -267,6 +295,8 @@ def fit_bespoke(
     ``eval_every`` iterations the held-out RMSE of a full solve is recorded (and the train RMSE on the
     first ``eval_train`` training samples); with ``keep_best`` the parameters with the lowest held-out
     RMSE are restored at the end. ``gt_cache = (train_path, val_path)`` caches the ground truth on disk.
+    ``model_id`` names the model where its network cannot be fingerprinted by value (see
+    :func:`~adjointflow.fingerprint.model_fingerprint`); give the same to ``save`` and ``load``.
     Returns a :class:`BespokeHistory`; the solver ends up tied to the interval and model fingerprint.
     """
     from ..models import Denoiser
@@ -290,7 +320,7 @@ def fit_bespoke(
             f"the solver was trained on [{float(solver.interval[0])}, {float(solver.interval[1])}], not "
             f"[{t_start}, {t_end}]; start from a fresh BespokeSolver"
         )
-    fp = model_fingerprint(denoiser)
+    fp = model_fingerprint(denoiser, model_id)
     if solver.model_fingerprint is not None and solver.model_fingerprint != fp:
         raise ValueError("the solver was trained for a different model; start from a fresh BespokeSolver")
 
@@ -305,7 +335,7 @@ def fit_bespoke(
             gts.append(data)
         elif isinstance(data, Tensor):
             gts.append(ground_truth(denoiser, data, t_start, t_end, cond=cond, rtol=rtol, atol=atol,
-                                    points=gt_points, cache=cache))
+                                    points=gt_points, cache=cache, model_id=model_id))
         else:
             raise TypeError(f"{name} must be a tensor of start samples or a GroundTruth, got {type(data).__name__}")
     gt_tr, gt_val = gts
