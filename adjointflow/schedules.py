@@ -56,6 +56,26 @@ def _log_alpha_vp_from_lambda(lam: Tensor) -> Tensor:
     return -0.5 * torch.nn.functional.softplus(-2.0 * lam)
 
 
+def _finite(owner: str, name: str, value) -> float:
+    """``value`` as a float, or a ``ValueError``/``TypeError`` naming ``owner.name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)) or (
+            isinstance(value, Tensor) and (value.numel() != 1 or not value.dtype.is_floating_point)):
+        raise TypeError(f"{owner}: {name} must be a real number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{owner}: {name} must be finite, got {v}")
+    return v
+
+
+def _check_sigma_range(owner: str, sigma_min, sigma_max) -> None:
+    lo, hi = _finite(owner, "sigma_min", sigma_min), _finite(owner, "sigma_max", sigma_max)
+    if lo <= 0:
+        raise ValueError(f"{owner}: sigma_min must be > 0, got {lo}")
+    if hi <= lo:
+        raise ValueError(f"{owner}: sigma_max must be > sigma_min (the path runs from sigma_min at t=0 to "
+                         f"sigma_max at t=1), got sigma_min={lo}, sigma_max={hi}")
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """Abstract Gaussian path ``x_t = alpha(t) x_0 + sigma(t) eps`` on ``t in [0, 1]``.
@@ -166,6 +186,14 @@ class VPLinear(VariancePreserving):
     beta_min: float = 0.1
     beta_max: float = 20.0
 
+    def __post_init__(self):
+        # beta(t) = beta_min + t (beta_max - beta_min) must stay >= 0 (alpha decreasing), increasing as named
+        lo, hi = _finite("VPLinear", "beta_min", self.beta_min), _finite("VPLinear", "beta_max", self.beta_max)
+        if lo < 0:
+            raise ValueError(f"VPLinear: beta_min must be >= 0, got {lo}")
+        if hi <= 0 or hi < lo:
+            raise ValueError(f"VPLinear: beta_max must be > 0 and >= beta_min, got beta_min={lo}, beta_max={hi}")
+
     def log_alpha(self, t):
         t = as_time(t)
         return -0.25 * (self.beta_max - self.beta_min) * t**2 - 0.5 * self.beta_min * t
@@ -193,6 +221,11 @@ class VPCosine(VariancePreserving):
 
     s: float = 0.008
     t_start: ClassVar[float] = 0.9946
+
+    def __post_init__(self):
+        # s < 0 would give alpha > 1 near t = 0
+        if _finite("VPCosine", "s", self.s) < 0:
+            raise ValueError(f"VPCosine: s must be >= 0, got {self.s}")
 
     def _phi(self, t):
         # complementary angle: cos(pi/2 (t+s)/(1+s)) = sin(pi/2 (1-t)/(1+s)), exactly 0 at t = 1
@@ -231,14 +264,22 @@ class VPDiscrete(VariancePreserving):
         ac = torch.as_tensor(ac).detach().to(torch.float64).cpu()
         if ac.ndim != 1 or ac.numel() < 2:
             raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(ac.shape)}")
-        if not bool(((ac > 0) & (ac < 1)).all()):
-            raise ValueError("alphas_cumprod must lie strictly inside (0, 1)")
-        if not bool((ac[1:] < ac[:-1]).all()):
-            raise ValueError("alphas_cumprod must be strictly decreasing")
+        bad = ~((ac > 0) & (ac < 1))  # also catches NaN
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            raise ValueError(f"VPDiscrete: alphas_cumprod must lie strictly inside (0, 1), "
+                             f"got alphas_cumprod[{k}] = {float(ac[k])}")
+        la = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(ac)])
+        # on the log scale too: equal neighbouring log-alphas would divide by zero in t_from_log_snr
+        flat = ~(la[2:] < la[1:-1])  # flat[j]: alphas_cumprod[j + 1] does not decrease
+        if bool(flat.any()):
+            k = int(flat.nonzero()[0]) + 1
+            raise ValueError(f"VPDiscrete: alphas_cumprod must be strictly decreasing, got "
+                             f"alphas_cumprod[{k - 1}] = {float(ac[k - 1])} <= alphas_cumprod[{k}] = {float(ac[k])}")
         n = ac.numel()
         object.__setattr__(self, "alphas_cumprod", ac)
         object.__setattr__(self, "_t", torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64))
-        object.__setattr__(self, "_la", torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * torch.log(ac)]))
+        object.__setattr__(self, "_la", la)
 
     def __repr__(self):
         return f"VPDiscrete(<{self.num_train_timesteps} alphas_cumprod>)"
@@ -287,6 +328,9 @@ class VE(NoiseSchedule):
     sigma_max: float = 50.0
     t_end: ClassVar[float] = 0.0
 
+    def __post_init__(self):
+        _check_sigma_range("VE", self.sigma_min, self.sigma_max)
+
     def log_alpha(self, t):
         return torch.zeros_like(as_time(t))
 
@@ -314,6 +358,11 @@ class EDM(NoiseSchedule):
     sigma_max: float = 80.0
     rho: float = 7.0
     t_end: ClassVar[float] = 0.0
+
+    def __post_init__(self):
+        _check_sigma_range("EDM", self.sigma_min, self.sigma_max)
+        if _finite("EDM", "rho", self.rho) <= 0:
+            raise ValueError(f"EDM: rho must be > 0, got {self.rho}")
 
     def _base(self, t):
         a, b = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)

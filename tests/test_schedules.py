@@ -105,3 +105,34 @@ def test_linear_flow_coefficients():
     t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
     assert torch.equal(sch.alpha(t), 1 - t) and torch.equal(sch.sigma(t), t)
     assert float(sch.t_from_log_snr(torch.tensor(0.0))) == 0.5
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: VE(sigma_min=50.0, sigma_max=0.01), "sigma_max"),   # swapped: sampled backwards (spread ~4949)
+    (lambda: VE(sigma_min=1.0, sigma_max=1.0), "sigma_max"),     # equal: a grid of NaN
+    (lambda: VE(sigma_min=0.0), "sigma_min"),
+    (lambda: VE(sigma_max=float("inf")), "sigma_max"),
+    (lambda: EDM(sigma_min=80.0, sigma_max=0.002), "sigma_max"),
+    (lambda: EDM(sigma_min=-0.002), "sigma_min"),
+    (lambda: EDM(rho=0.0), "rho"),
+    (lambda: EDM(rho=float("nan")), "rho"),
+    (lambda: VPLinear(beta_min=-1.0), "beta_min"),              # beta < 0 near t = 0: a garbage grid
+    (lambda: VPLinear(beta_min=20.0, beta_max=0.1), "beta_max"),
+    (lambda: VPLinear(beta_max=float("nan")), "beta_max"),
+    (lambda: VPCosine(s=-0.5), "s"),
+    (lambda: VPCosine(s=float("inf")), "s"),
+    (lambda: VPDiscrete(torch.tensor([0.9, float("nan"), 0.5])), r"alphas_cumprod\[1\]"),
+    (lambda: VPDiscrete(torch.tensor([0.9, 0.5, 0.5])), r"alphas_cumprod\[2\]"),
+])
+def test_bad_schedule_parameters_are_refused_by_name(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+def test_schedule_parameters_must_be_numbers():
+    with pytest.raises(TypeError, match="sigma_min"):
+        VE(sigma_min="0.01")
+    with pytest.raises(TypeError, match="beta_max"):
+        VPLinear(beta_max=None)
+    # valid edge cases still construct: beta_min = 0, s = 0, a 0-d tensor parameter
+    VPLinear(beta_min=0.0, beta_max=1.0), VPCosine(s=0.0), VE(sigma_max=torch.tensor(10.0, dtype=torch.float64))
