@@ -1,0 +1,14 @@
+"""Bridges to other libraries (all optional dependencies, imported only when used).
+
+* :mod:`~adjointflow.integrations.diffusers_grids` -- ``timesteps_from_diffusers``: the exact grid a
+  diffusers scheduler runs, in our ``t``.
+* :mod:`~adjointflow.integrations.diffusers_pipelines` -- ``from_pipeline``: denoiser, grid, solver,
+  latent shape and a differentiable VAE from a Stable Diffusion / SD3 / Flux pipeline.
+* :mod:`~adjointflow.integrations.latent_objectives` -- ``decoded(objective, decode)``: a pixel-space
+  objective as an objective on latents.
+* :mod:`~adjointflow.integrations.deepinv_operators` -- ``DeepinvOperator``: a ``deepinv.physics``
+  operator as the operator of :class:`~adjointflow.guidance.MeasurementLoss`.
+"""
+from .diffusers_grids import SUPPORTED_SCHEDULERS, timesteps_from_diffusers
+
+__all__ = ["timesteps_from_diffusers", "SUPPORTED_SCHEDULERS"]
