@@ -14,6 +14,7 @@ from .schedules import EDM, VE, LinearFlow, NoiseSchedule, VPCosine, VPDiscrete,
 from .solvers import Euler, EulerMaruyama, Heun, Solver, State
 from .solvers import DDIM, DEIS, DPMSolverPP, SDEDPMSolverPP
 from .solvers import BespokeSolver, fit_bespoke
+from . import pretrained
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,4 @@ __all__ = [
     "Solver", "State", "Euler", "Heun", "EulerMaruyama", "Backprop", "Checkpoint", "ContinuousAdjoint",
 ]
 __all__ += ["DDIM", "DEIS", "DPMSolverPP", "SDEDPMSolverPP"]
-__all__ += ["BespokeSolver", "fit_bespoke"]
+__all__ += ["BespokeSolver", "fit_bespoke", "pretrained"]

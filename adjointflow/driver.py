@@ -162,8 +162,9 @@ def _check_cond(cond, x: Tensor, name: str = "cond") -> None:
 
 
 def resolve_noise(solver: Solver, noise, x: Tensor, grid: Tensor, name: str = "x"):
-    """The noise a stochastic solver draws from (default: ``BrownianNoise`` seeded 0), checked against the
-    state's shape, dtype and device; ``None`` for deterministic solvers (which refuse a noise)."""
+    """The noise a stochastic solver draws from, checked against the state's shape, dtype and device;
+    ``None`` for deterministic solvers (which refuse a noise). The default is a ``BrownianNoise`` whose
+    seed is drawn from torch's global (CPU) generator, so ``torch.manual_seed`` reproduces it."""
     from .noise import BrownianNoise
 
     if not solver.stochastic:
@@ -173,7 +174,8 @@ def resolve_noise(solver: Solver, noise, x: Tensor, grid: Tensor, name: str = "x
     if bool(grid[1] > grid[0]):
         raise ValueError(f"{type(solver).__name__} integrates the reverse-time SDE and needs a decreasing grid")
     if noise is None:
-        return BrownianNoise(tuple(x.shape), seed=0, dtype=x.dtype, device=x.device)
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # once per solve, on the host generator
+        return BrownianNoise(tuple(x.shape), seed=seed, dtype=x.dtype, device=x.device)
     if not callable(noise):
         raise TypeError(f"noise must be a BrownianNoise (callable as noise(t, t_next)), got {type(noise).__name__}")
     if tuple(getattr(noise, "shape", x.shape)) != tuple(x.shape):

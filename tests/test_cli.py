@@ -172,7 +172,13 @@ def test_demo_smoke_tiny_configuration(tmp_path):
 
     cfg = DemoConfig(n_samples=2, nfes=(2, 4), grids=("uniform",), sde_ref_steps=8, n_inverse=2, n_show=2,
                      guidance_steps=3, dflow_iterations=1, adjoint_iterations=1)
-    res = run_demo(out_dir=tmp_path, config=cfg, progress=False)
+    found = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = run_demo(out_dir=tmp_path, config=cfg, progress=False, threads=1)
+        assert torch.get_num_threads() == 2  # global state left as found
+    finally:
+        torch.set_num_threads(found)
     for f in ("solvers.png", "inverse_problems.png", "results.md"):
         assert (tmp_path / f).stat().st_size > 0
     md = (tmp_path / "results.md").read_text()

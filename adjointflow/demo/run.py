@@ -10,6 +10,8 @@ prints the tables. Methods that are not in the package yet are skipped with a no
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import platform
 import time
@@ -20,7 +22,31 @@ import torch
 
 from ..grids import GRID_KINDS
 
-__all__ = ["DemoConfig", "FULL", "QUICK", "DemoResult", "load_denoiser", "run_demo"]
+__all__ = ["DemoConfig", "FULL", "QUICK", "DemoResult", "load_denoiser", "run_demo", "check_demo_extras",
+           "DEMO_EXTRAS"]
+
+#: module -> pip package of every optional dependency the demo uses (the ``demo`` extra)
+DEMO_EXTRAS = {"safetensors": "safetensors", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+
+
+def check_demo_extras() -> None:
+    """Raise one ``ImportError`` naming every missing demo dependency and the command that installs
+    them all, before any work is done."""
+    missing = [pkg for mod, pkg in DEMO_EXTRAS.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise ImportError(f"the demo needs {', '.join(missing)}, not installed: pip install 'adjointflow[demo]'")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch threads (``None``: as found), restoring the count afterwards."""
+    found = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(found)
 
 
 @dataclass(frozen=True)
@@ -75,17 +101,11 @@ class DemoResult:
 
 
 def load_denoiser(weights=None):
-    """The bundled digits model as a :class:`~adjointflow.Denoiser` (LinearFlow, velocity) and its metadata."""
-    from ..models import Denoiser
-    from ..schedules import LinearFlow
-    from .digits import load_digits_model
+    """The bundled digits model as a :class:`~adjointflow.Denoiser` and its metadata (see
+    :func:`adjointflow.pretrained.digits`)."""
+    from ..pretrained import _digits_with_metadata
 
-    net, meta = load_digits_model(weights)
-    net.requires_grad_(False)
-    if meta.get("schedule", "LinearFlow") != "LinearFlow" or meta.get("prediction", "velocity") != "velocity":
-        raise ValueError(f"the demo expects a LinearFlow velocity model, the weights say {meta.get('schedule')}/"
-                         f"{meta.get('prediction')}")
-    return Denoiser(net, LinearFlow(), "velocity"), meta
+    return _digits_with_metadata(weights)
 
 
 def _sampling_table(runs, nfes):
@@ -106,8 +126,18 @@ def _sampling_table(runs, nfes):
 
 
 def run_demo(out_dir="demo_out", quick: bool = False, weights=None, progress: bool = True,
-             config: DemoConfig | None = None) -> DemoResult:
-    """Run both parts of the demo, write the figures and ``results.md`` into ``out_dir``, print the tables."""
+             config: DemoConfig | None = None, threads: int | None = None) -> DemoResult:
+    """Run both parts of the demo, write the figures and ``results.md`` into ``out_dir``, print the tables.
+
+    ``threads``: torch's thread count during the run, restored afterwards (``None``: leave it as it is;
+    the command line runs with one thread). Missing demo dependencies are reported all at once, first.
+    """
+    check_demo_extras()
+    with torch_threads(threads):
+        return _run_demo(out_dir, quick, weights, progress, config)
+
+
+def _run_demo(out_dir, quick, weights, progress, config) -> DemoResult:
     from .inverse import make_tasks, method_factories, solve_inverse_problems
     from .report import console_table, fmt_bytes, plot_inverse, plot_solvers, psnr
     from .sampling import SolverSpec, compare_solvers, discover_solvers
@@ -117,7 +147,6 @@ def run_demo(out_dir="demo_out", quick: bool = False, weights=None, progress: bo
         cfg = replace(cfg, quick=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
     t_all = time.perf_counter()
     den, meta = load_denoiser(weights)
     say = print
@@ -197,7 +226,7 @@ def _write_markdown(path, cfg, meta, header_a, rows_a, ref_info, header_b, rows_
         "# adjointflow demo results",
         "",
         f"Produced by `{cmd}` in {seconds:.0f} s on {platform.machine()} "
-        f"({os.environ.get('OMP_NUM_THREADS', '?')} thread(s), torch {torch.__version__}).",
+        f"({torch.get_num_threads()} torch thread(s), torch {torch.__version__}).",
         f"Model: bundled digits flow model ({meta.get('n_params', '?')} parameters, LinearFlow, velocity "
         f"prediction, held-out flow-matching loss {meta.get('test_loss_ema', float('nan')):.4f}).",
         "",

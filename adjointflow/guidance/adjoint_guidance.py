@@ -54,7 +54,8 @@ class AdjointGuidance:
     * ``optimizer = "adam"``, ``lr = 0.05`` -- the paper uses plain gradient descent with lr 0.1
       (its Table 6) on an O(1) identity loss; ``optimizer="sgd", lr=0.1`` reproduces that. Adam is the
       default because measurement losses scale as ``1/sigma_y^2`` and Adam's step does not.
-    * ``noise`` -- a :class:`~adjointflow.noise.BrownianNoise` for SDE solvers (default seed 0, reused
+    * ``noise`` -- a :class:`~adjointflow.noise.BrownianNoise` for SDE solvers (default: seeded from torch's
+      generator, so ``torch.manual_seed`` reproduces it; reused
       every iteration so the objective is a fixed function).
     * ``progress = False``.
 

@@ -75,7 +75,8 @@ class DPS:
       inpainting, 1.0 for phase retrieval), for ``rule="dps"`` and 1000 steps. For ``rule="score"``,
       1.0 is Bayes' weight.
     * ``rule = "dps"`` -- see the module docstring.
-    * ``noise`` -- a :class:`~adjointflow.noise.BrownianNoise` for stochastic solvers (default seed 0).
+    * ``noise`` -- a :class:`~adjointflow.noise.BrownianNoise` for stochastic solvers (default: seeded from
+      torch's generator, so ``torch.manual_seed`` reproduces it).
     * ``progress = False`` -- show a progress bar.
 
     Cost: the solver's NFE plus one VJP through the network per step.
