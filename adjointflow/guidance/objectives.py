@@ -7,6 +7,10 @@ Operators map one clean sample to a measurement, ``y = A(x0) + n``. Linear opera
 transpose ``A^T`` (the adjoint for the Euclidean inner product, exact) and a pseudo-inverse ``A^+``
 (used e.g. for D-Flow's blend initialisation). :class:`MeasurementLoss` turns an operator and a
 measurement into the negative log-likelihood of the noise model.
+
+Operators with ``has_svd`` (:class:`Inpaint`, :class:`Downsample`, :class:`GaussianBlur`,
+:class:`MatrixOperator`) also expose their singular value decomposition ``A = U diag(s) V^T`` in closed
+form, without dense matrices (the SVD-based methods DDRM, PiGDM and DiffPIR work in that basis).
 """
 from __future__ import annotations
 
@@ -59,12 +63,49 @@ class Operator:
         """Moore--Penrose pseudo-inverse ``A^+ y``."""
         raise NotImplementedError(f"{type(self).__name__} is nonlinear: it has no pseudo-inverse")
 
+    # --- singular value decomposition A = U diag(s) V^T (operators with has_svd) ----------------
+    # Spectral coefficients ``c`` of a batch ``x`` live in a fixed "spectral layout" (batch, *spec)
+    # with as many entries per sample as ``x``: ``c = V^T x``, ``x = V c`` (V orthogonal). ``s`` holds the
+    # singular values in the same layout (0 for directions ``A`` does not see), and ``U^T y`` is laid
+    # out likewise, meaningful where ``s > 0``; so ``U^T A x = s * V^T x`` entrywise.
+    has_svd: ClassVar[bool] = False
+
+    def singular_values(self, x: Tensor) -> Tensor:
+        """``s`` in the spectral layout of samples shaped like ``x`` (shape ``spec``, ``x``'s dtype)."""
+        raise NotImplementedError(_no_svd(self))
+
+    def svd_vt(self, x: Tensor) -> Tensor:
+        """``V^T x``: image batch ``(batch, *dims)`` -> spectral coefficients ``(batch, *spec)``."""
+        raise NotImplementedError(_no_svd(self))
+
+    def svd_v(self, c: Tensor) -> Tensor:
+        """``V c``: spectral coefficients -> image batch (the inverse of :meth:`svd_vt`)."""
+        raise NotImplementedError(_no_svd(self))
+
+    def svd_ut(self, y: Tensor) -> Tensor:
+        """``U^T y``: measurements ``(batch, *out)`` -> spectral layout (zero where no singular value lives)."""
+        raise NotImplementedError(_no_svd(self))
+
+    def svd_u(self, c: Tensor) -> Tensor:
+        """``U c``: the spectral entries that carry a singular value -> measurements ``(batch, *out)``."""
+        raise NotImplementedError(_no_svd(self))
+
     # subclasses
     def _check_input(self, x: Tensor) -> None:
         pass
 
     def _forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def svd_operator_names() -> tuple[str, ...]:
+    """Names of the operator classes with a closed-form SVD (for error messages)."""
+    return tuple(c.__name__ for c in (Inpaint, Downsample, GaussianBlur, MatrixOperator))
+
+
+def _no_svd(op) -> str:
+    return (f"{type(op).__name__} has no singular value decomposition; operators with one: "
+            f"{', '.join(svd_operator_names())}")
 
 
 def _spatial(x: Tensor, dims: int, who: str) -> tuple[int, ...]:
@@ -128,6 +169,23 @@ class Inpaint(Operator):
 
     pinv = transpose
 
+    # A = diag(m): U = V = I, s = m (broadcast to one sample's shape)
+    has_svd: ClassVar[bool] = True
+
+    def singular_values(self, x):
+        self._check_input(x)
+        return self._m(x).expand(x.shape[1:])
+
+    def svd_vt(self, x):
+        return x
+
+    svd_v = svd_vt
+
+    def svd_ut(self, y):
+        return self.transpose(y)
+
+    svd_u = svd_ut
+
 
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -170,6 +228,72 @@ class Downsample(Operator):
 
     def pinv(self, y):
         return self.transpose(y) * self.factor**self.dims
+
+    # Per block of n = f^d pixels, A is the row 1^T / n = f^{-d/2} h^T with h = 1 / sqrt(n): s = f^{-d/2},
+    # U = 1, and V^T = H, the Householder reflection that maps e_1 to h (symmetric, orthogonal, first
+    # row h^T). Spectral layout: (batch, *lead, *coarse, n), the block mean direction at index 0.
+    has_svd: ClassVar[bool] = True
+
+    def _householder(self, like: Tensor) -> Tensor:
+        n = self.factor**self.dims
+        h = torch.full((n,), n**-0.5, dtype=torch.float64)
+        w = h.clone()
+        w[0] -= 1.0
+        H = torch.eye(n, dtype=torch.float64)
+        if float(w @ w) > 0:
+            H = H - 2.0 * torch.outer(w, w) / (w @ w)
+        return H.to(dtype=like.dtype, device=like.device)
+
+    def _blocks(self, x: Tensor) -> Tensor:
+        """(batch, *lead, *spatial) -> (batch, *lead, *coarse, n): each block's pixels, row-major."""
+        f, d = self.factor, self.dims
+        lead = x.ndim - d
+        shape = list(x.shape[:lead])
+        for s in x.shape[lead:]:
+            shape += [s // f, f]
+        xb = x.reshape(shape)
+        coarse = [lead + 2 * k for k in range(d)]
+        fine = [lead + 2 * k + 1 for k in range(d)]
+        xb = xb.permute(*range(lead), *coarse, *fine)
+        return xb.reshape(*xb.shape[: lead + d], f**d)
+
+    def _unblocks(self, c: Tensor) -> Tensor:
+        f, d = self.factor, self.dims
+        lead = c.ndim - 1 - d
+        coarse = c.shape[lead:lead + d]
+        xb = c.reshape(*c.shape[:lead], *coarse, *([f] * d))
+        order = list(range(lead))
+        for k in range(d):
+            order += [lead + k, lead + d + k]
+        xb = xb.permute(*order)
+        return xb.reshape(*c.shape[:lead], *(s * f for s in coarse))
+
+    def singular_values(self, x):
+        _check_x(x)
+        self._check_input(x)
+        s = torch.zeros(self._blocks(x[:1]).shape[1:], dtype=x.dtype, device=x.device)
+        s[..., 0] = self.factor ** (-self.dims / 2)
+        return s
+
+    def svd_vt(self, x):
+        _check_x(x)
+        self._check_input(x)
+        return self._blocks(x) @ self._householder(x).T
+
+    def svd_v(self, c):
+        _check_x(c, "c")
+        return self._unblocks(c @ self._householder(c))
+
+    def svd_ut(self, y):
+        _check_x(y, "y")
+        _spatial(y, self.dims, "Downsample.svd_ut")
+        out = y.new_zeros(*y.shape, self.factor**self.dims)
+        out[..., 0] = y
+        return out
+
+    def svd_u(self, c):
+        _check_x(c, "c")
+        return c[..., 0]
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,6 +365,46 @@ class GaussianBlur(Operator):
         Kp = torch.where(keep, 1.0 / torch.where(keep, K, torch.ones_like(K)), torch.zeros_like(K))
         return self._apply(y, Kp)
 
+    # The kernel is even on the circle, so the orthonormal discrete Hartley transform H (real, symmetric,
+    # H^2 = I; separable over the spatial dimensions) diagonalises A: A = H diag(K) H. Real SVD:
+    # V = H, s = |K|, U = H diag(sign K). The spectral layout is the image's.
+    has_svd: ClassVar[bool] = True
+
+    def hartley(self, x: Tensor) -> Tensor:
+        """Orthonormal separable discrete Hartley transform over the last ``dims`` dimensions
+        (``Re F - Im F`` per dimension, ``F`` the unitary DFT); its own inverse."""
+        for k in range(x.ndim - self.dims, x.ndim):
+            f = torch.fft.fft(x, dim=k, norm="ortho")
+            x = f.real - f.imag
+        return x
+
+    def _sign(self, like: Tensor) -> Tensor:
+        K = self.transfer(tuple(like.shape[-self.dims:]), like.dtype, like.device)
+        return torch.where(K < 0, -torch.ones_like(K), torch.ones_like(K))
+
+    def singular_values(self, x):
+        _check_x(x)
+        self._check_input(x)
+        K = self.transfer(tuple(x.shape[-self.dims:]), x.dtype, x.device).abs()
+        return K.expand(x.shape[1:])
+
+    def svd_vt(self, x):
+        _check_x(x)
+        self._check_input(x)
+        return self.hartley(x)
+
+    svd_v = svd_vt
+
+    def svd_ut(self, y):
+        _check_x(y, "y")
+        self._check_input(y)
+        return self._sign(y) * self.hartley(y)
+
+    def svd_u(self, c):
+        _check_x(c, "c")
+        self._check_input(c)
+        return self.hartley(self._sign(c) * c)
+
 
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -279,6 +443,7 @@ class MatrixOperator(Operator):
     matrix: Tensor = None
     input_shape: tuple | None = None
     _pinv: Tensor = field(default=None, init=False, repr=False)
+    _svd: tuple = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         M = self.matrix
@@ -293,6 +458,8 @@ class MatrixOperator(Operator):
         object.__setattr__(self, "matrix", M)
         object.__setattr__(self, "input_shape", shape)
         object.__setattr__(self, "_pinv", torch.linalg.pinv(M.to(torch.float64)))
+        U, S, Vh = torch.linalg.svd(M.to(torch.float64), full_matrices=True)
+        object.__setattr__(self, "_svd", (U, S, Vh))
 
     def _check_input(self, x):
         if tuple(x.shape[1:]) != self.input_shape:
@@ -313,6 +480,39 @@ class MatrixOperator(Operator):
     def pinv(self, y):
         self._check_y(y)
         return (y @ self._pinv.to(dtype=y.dtype, device=y.device).T).reshape(y.shape[0], *self.input_shape)
+
+    # the dense SVD M = U diag(S) V^T; spectral layout (n,), singular values first, zero-padded
+    has_svd: ClassVar[bool] = True
+
+    def _factors(self, like):
+        return tuple(a.to(dtype=like.dtype, device=like.device) for a in self._svd)
+
+    def singular_values(self, x):
+        _check_x(x)
+        self._check_input(x)
+        S = self._factors(x)[1]
+        return torch.cat([S, S.new_zeros(self.matrix.shape[1] - S.numel())])
+
+    def svd_vt(self, x):
+        _check_x(x)
+        self._check_input(x)
+        return x.reshape(x.shape[0], -1) @ self._factors(x)[2].T
+
+    def svd_v(self, c):
+        _check_x(c, "c")
+        return (c @ self._factors(c)[2]).reshape(c.shape[0], *self.input_shape)
+
+    def svd_ut(self, y):
+        self._check_y(y)
+        U, S, _ = self._factors(y)
+        c = (y @ U)[:, :S.numel()]
+        return torch.cat([c, c.new_zeros(c.shape[0], self.matrix.shape[1] - S.numel())], dim=1)
+
+    def svd_u(self, c):
+        _check_x(c, "c")
+        U, S, _ = self._factors(c)
+        k = S.numel()
+        return c[:, :k] @ U[:, :k].T
 
 
 # ------------------------------------------------------------------------------------------
