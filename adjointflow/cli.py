@@ -1,7 +1,9 @@
 """Command line: ``python -m adjointflow {demo, train-digits, bench}``.
 
-Errors the user can fix (a bad argument, a missing weights file) end the program with a one-line
-``error: ...`` message on stderr and a non-zero exit status, never a traceback.
+Expected failures (a bad argument, a missing, damaged or crafted weights file, an output that exists,
+training that diverges, a file-system error, Ctrl-C) end the program with a one-line ``error: ...``
+message on stderr and a non-zero exit status, never a traceback; ``--debug`` (before or after the
+subcommand) shows the traceback as well.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "CLIError"]
@@ -33,13 +36,13 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _positive_float(s: str) -> float:
+def _learning_rate(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not (v > 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {s!r}")
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number <= 1 (an Adam step size), got {s!r}")
     return v
 
 
@@ -51,11 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m adjointflow",
         description="adjointflow: differentiable ODE/SDE solvers for diffusion and flow-matching models.",
     )
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="command", metavar="{demo,train-digits,bench}")
     sub.required = True
+    # --debug after the subcommand too; SUPPRESS keeps the subparser from resetting a --debug given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
 
     d = sub.add_parser(
-        "demo",
+        "demo", parents=[common],
         help="sample with every solver and solve inverse problems on the bundled digits model",
         description="Load the bundled digits flow model; (a) sample with every solver at NFE 5/10/20 and "
         "compare with a dopri5 reference, (b) inpainting and 2x super-resolution with every guidance "
@@ -70,20 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     t = sub.add_parser(
-        "train-digits",
+        "train-digits", parents=[common],
         help="train the digits flow-matching model (about 10 minutes on one CPU core)",
         description="Train the small flow-matching model on scikit-learn's 8x8 digits and write "
-        "digits_flow.safetensors + digits_flow.json.",
+        "digits_flow.safetensors (weights and metadata in one file, replaced atomically).",
     )
     t.add_argument("--out", default=str(DEFAULT_DIR), metavar="DIR", help="output directory (default: %(default)s)")
     t.add_argument("--steps", type=_positive_int, default=7000)
     t.add_argument("--batch", type=_positive_int, default=64)
-    t.add_argument("--lr", type=_positive_float, default=2e-3)
+    t.add_argument("--lr", type=_learning_rate, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--log-every", type=_positive_int, default=100)
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--force", action="store_true",
-                   help="overwrite existing weights in --out (the default --out holds the bundled model the demo uses)")
+                   help="replace an existing digits_flow.safetensors in --out (the default --out holds the bundled "
+                   "model the demo uses)")
 
     b = sub.add_parser(
         "bench",
@@ -115,12 +124,10 @@ def _cmd_train(args) -> int:
         raise CLIError(f"--out {args.out} exists and is not a directory")
     from .demo.digits import WEIGHTS_NAME, train_digits
 
-    if (out / WEIGHTS_NAME).exists() and not args.force:
-        raise CLIError(f"{out / WEIGHTS_NAME} exists (the default --out holds the bundled model `make demo` uses); "
-                       "pass --force to overwrite it or --out DIR to write elsewhere")
+    # train_digits refuses an existing output before training unless overwrite=True, and writes nothing else
     _, meta = train_digits(
         out, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-        log_every=args.log_every, progress=not args.no_progress,
+        log_every=args.log_every, progress=not args.no_progress, overwrite=args.force,
     )
     print(
         f"wrote {out / WEIGHTS_NAME} ({meta['n_params']} parameters): final loss {meta['final_loss']:.4f}, "
@@ -158,10 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"demo": _cmd_demo, "train-digits": _cmd_train, "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
-    except (CLIError, FileNotFoundError, ValueError, ImportError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"{parser.prog} {args.command}: error: {msg}", file=sys.stderr)
+    except (CLIError, OSError, ValueError, ImportError, ArithmeticError) as exc:
+        # OSError: missing/unreadable/existing files, disk full; ArithmeticError: diverging training
+        # (FloatingPointError, adjointflow's NonFiniteError). Anything else is a bug: its traceback stays.
+        if args.debug:
+            traceback.print_exc()
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        hint = "" if args.debug else " (--debug shows the traceback)"
+        print(f"{parser.prog} {args.command}: error: {msg}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
         print(f"{parser.prog} {args.command}: interrupted", file=sys.stderr)
         return 130

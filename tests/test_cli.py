@@ -66,8 +66,7 @@ def test_directory_without_weights_names_the_training_command(capsys, tmp_path):
 def test_corrupt_weights_are_refused(capsys, tmp_path):
     import shutil
 
-    for name in ("digits_flow.safetensors", "digits_flow.json"):
-        shutil.copy(DEFAULT_WEIGHTS.parent / name, tmp_path / name)
+    shutil.copy(DEFAULT_WEIGHTS, tmp_path / "digits_flow.safetensors")
     with open(tmp_path / "digits_flow.safetensors", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
@@ -94,7 +93,7 @@ def test_bench_runs_pytest_benchmarks_with_this_python(monkeypatch):
 def test_train_digits_writes_weights_into_out(tmp_path, capsys):
     assert cli.main(["train-digits", "--out", str(tmp_path), "--steps", "2", "--batch", "4", "--log-every", "1",
                      "--no-progress"]) == 0
-    assert (tmp_path / "digits_flow.safetensors").is_file() and (tmp_path / "digits_flow.json").is_file()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["digits_flow.safetensors"]  # the one file it writes
     assert "wrote" in capsys.readouterr().out
     # existing weights (e.g. the bundled model) are never overwritten silently
     assert "--force" in _one_line_error(capsys, ["train-digits", "--out", str(tmp_path), "--steps", "2"])
@@ -202,3 +201,65 @@ def test_demo_config_validation():
         DemoConfig(grids=("spiral",))
     with pytest.raises(ValueError, match="t_end"):
         DemoConfig(t_start=0.1, t_end=0.5)
+
+
+# --- every expected failure: one line, non-zero status; --debug adds the traceback -------------------------
+def test_force_guards_every_file_the_command_writes(tmp_path, capsys):
+    """train-digits writes exactly one file; anything else in --out (here a lone digits_flow.json, which an
+    earlier version overwrote without asking) is left alone, with or without --force."""
+    (tmp_path / "digits_flow.json").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine too")
+    args = ["train-digits", "--out", str(tmp_path), "--steps", "1", "--batch", "2", "--no-progress"]
+    assert cli.main(args) == 0
+    assert "--force" in _one_line_error(capsys, args)
+    assert cli.main([*args, "--force"]) == 0
+    assert (tmp_path / "digits_flow.json").read_text() == "mine" and (tmp_path / "notes.txt").read_text() == "mine too"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["digits_flow.json", "digits_flow.safetensors", "notes.txt"]
+
+
+@needs_weights
+def test_malformed_weights_metadata_is_one_line(capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from adjointflow.demo.weights_file import read_header, save_weights
+
+    meta = {k: v for k, v in read_header(DEFAULT_WEIGHTS).meta.items() if k not in ("arch", "tensors_sha256")}
+    save_weights(tmp_path / "digits_flow.safetensors", load_file(str(DEFAULT_WEIGHTS)), meta)  # no 'arch'
+    err = _one_line_error(capsys, ["demo", "--weights", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "arch" in err and "digits_flow.safetensors" in err and "--debug" in err
+
+
+@pytest.mark.parametrize("exc", [FloatingPointError("training loss became nan at step 3; lower lr"),
+                                 OSError(28, "No space left on device")])
+def test_diverging_training_and_io_errors_are_one_line(capsys, monkeypatch, tmp_path, exc):
+    from adjointflow.demo import digits
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(digits, "train_digits", fail)
+    err = _one_line_error(capsys, ["train-digits", "--out", str(tmp_path), "--no-progress"])
+    assert str(exc.args[-1]) in err
+
+
+def test_training_that_diverges_raises_before_writing(tmp_path, monkeypatch):
+    from adjointflow.demo import digits
+
+    calls, real = [], digits._flow_loss
+
+    def diverging(*a):  # the third step's loss overflows
+        calls.append(1)
+        return real(*a) * (float("inf") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(digits, "_flow_loss", diverging)
+    with pytest.raises(FloatingPointError, match="loss became inf at step 3"):
+        digits.train_digits(tmp_path, steps=5, batch=2, progress=False, arch=dict(channels=8, emb_dim=16, groups=4))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(capsys, tmp_path, where):
+    args = ["demo", "--weights", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o")]
+    assert cli.main(["--debug", *args] if where == "before" else [*args, "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "weights not found" in err.strip().splitlines()[-1]

@@ -11,8 +11,8 @@ pytest.importorskip("sklearn")
 pytest.importorskip("safetensors")
 
 from adjointflow.demo import digits  # noqa: E402
+from adjointflow.demo import weights_file  # noqa: E402
 from adjointflow.demo.digits import (  # noqa: E402
-    META_NAME,
     NULL_CLASS,
     TRAIN_COMMAND,
     WEIGHTS_NAME,
@@ -21,6 +21,7 @@ from adjointflow.demo.digits import (  # noqa: E402
     load_digits_tensor,
     train_digits,
 )
+from adjointflow.demo.weights_file import read_header  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -130,6 +131,9 @@ def test_net_rejects_bad_inputs(small_net):
 
 
 # ---------------------------------------------------------------- training + loading
+TINY = dict(channels=8, emb_dim=16, groups=4)  # ~30k parameters: a training step takes milliseconds
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_run")
@@ -137,13 +141,13 @@ def tiny_run(tmp_path_factory):
     return out, net, meta
 
 
-def test_tiny_training_writes_files_and_reduces_loss(tiny_run):
+def test_tiny_training_writes_one_file_and_reduces_loss(tiny_run):
     out, net, meta = tiny_run
-    assert (out / WEIGHTS_NAME).is_file() and (out / META_NAME).is_file()
-    on_disk = json.loads((out / META_NAME).read_text())
+    assert sorted(f.name for f in out.iterdir()) == [WEIGHTS_NAME]  # weights + metadata, no temporary left
+    on_disk = read_header(out / WEIGHTS_NAME).meta
     assert on_disk == json.loads(json.dumps(meta))
     for key in (
-        "arch", "training", "final_loss", "loss_curve", "seconds", "weights_sha256",
+        "arch", "training", "final_loss", "loss_curve", "seconds", "tensors_sha256",
         "versions", "n_params", "test_loss_ema",
     ):
         assert key in on_disk, key
@@ -157,17 +161,28 @@ def test_tiny_training_writes_files_and_reduces_loss(tiny_run):
     assert (out / WEIGHTS_NAME).stat().st_size < 5_000_000
 
 
-def test_tiny_training_is_seeded(tmp_path, tiny_run):
-    _, _, meta = tiny_run
-    _, meta2 = train_digits(tmp_path, steps=10, batch=16, seed=0, log_every=5, progress=False, warmup=5)
-    assert meta2["loss_curve"][0] == meta["loss_curve"][0]
+def test_training_is_seeded_and_leaves_the_global_rng_alone(tmp_path):
+    """Same seed -> the same loss curve and bit-identical weights, whatever the global RNG holds; another
+    seed -> other weights; and the global torch RNG is as it was (train_digits used to reseed it)."""
+    def run(seed, folder, global_seed):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        net, meta = train_digits(tmp_path / folder, steps=8, batch=8, seed=seed, log_every=2, progress=False,
+                                 warmup=2, arch=TINY)
+        assert torch.equal(torch.get_rng_state(), before), "train_digits changed the global torch RNG"
+        return net.state_dict(), meta
+
+    (a, ma), (b, mb), (c, _) = run(3, "a", 100), run(3, "b", 200), run(4, "c", 100)
+    assert ma["loss_curve"] == mb["loss_curve"] and len(ma["loss_curve"]) == 4
+    assert all(torch.equal(a[k], b[k]) for k in a) and ma["tensors_sha256"] == mb["tensors_sha256"]
+    assert not torch.equal(a["in_conv.weight"], c["in_conv.weight"])
 
 
 def test_load_round_trips_trained_weights(tiny_run):
     out, net, meta = tiny_run
     loaded, meta_l = load_digits_model(out)  # directory form
     loaded2, _ = load_digits_model(out / WEIGHTS_NAME)  # file form
-    assert meta_l["weights_sha256"] == meta["weights_sha256"]
+    assert meta_l == json.loads(json.dumps(meta))
     assert not loaded.training
     sd, sdl = net.state_dict(), loaded.state_dict()
     assert sd.keys() == sdl.keys()
@@ -178,18 +193,156 @@ def test_load_round_trips_trained_weights(tiny_run):
         assert torch.equal(loaded2(x, t, c), net(x, t, c))
 
 
+def test_existing_weights_are_refused_before_training(tmp_path, monkeypatch):
+    (tmp_path / WEIGHTS_NAME).write_bytes(b"keep me")
+    monkeypatch.setattr(digits, "load_digits_tensor", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        train_digits(tmp_path, steps=1, progress=False)
+    assert (tmp_path / WEIGHTS_NAME).read_bytes() == b"keep me"
+
+
+# ---------------------------------------------------------------- atomic saves
+def _tiny_model(tmp_path, seed):
+    net, meta = train_digits(tmp_path, steps=2, batch=4, seed=seed, log_every=1, progress=False, warmup=1,
+                             arch=TINY, overwrite=True)
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def _loads_as(path, state):
+    net, _ = load_digits_model(path)
+    return all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("stage", ["serialise", "rename"])
+def test_a_save_interrupted_midway_keeps_the_previous_model(tmp_path, monkeypatch, stage):
+    """The first write fails halfway (half a file written) or the final rename fails: the previous model
+    still loads, unchanged, and no temporary file is left behind."""
+    old = _tiny_model(tmp_path, seed=0)
+    if stage == "serialise":
+        def half_then_fail(state, filename, metadata=None):
+            with open(filename, "wb") as f:
+                f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+            raise KeyboardInterrupt
+        import safetensors.torch
+
+        monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    else:
+        monkeypatch.setattr(weights_file.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        _tiny_model(tmp_path, seed=1)
+    assert _loads_as(tmp_path, old)
+    assert sorted(f.name for f in tmp_path.iterdir()) == [WEIGHTS_NAME]
+
+
+def _save_forever(path, versions, started):
+    i = 0
+    while True:
+        weights_file.save_weights(path, versions[i % 2], {"arch": TINY, "round": i})
+        if i == 1:
+            started.set()
+        i += 1
+
+
+def test_a_save_killed_by_sigkill_leaves_a_loadable_model(tmp_path):
+    """Forked processes that do nothing but save the model, alternately two versions, are SIGKILLed at
+    spread moments: every time the file loads and is exactly one of the two versions."""
+    import multiprocessing
+    import signal
+    import time
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork")
+    ctx = multiprocessing.get_context("fork")  # milliseconds to start, against seconds for a fresh python
+    versions = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        versions.append({k: v.detach() for k, v in DigitsVelocityNet(**TINY).state_dict().items()})
+    for i, delay in enumerate((0.0, 0.003, 0.011, 0.029, 0.047)):
+        folder = tmp_path / f"kill{i}"
+        folder.mkdir()
+        started = ctx.Event()
+        proc = ctx.Process(target=_save_forever, args=(folder / WEIGHTS_NAME, versions, started), daemon=True)
+        proc.start()
+        try:
+            assert started.wait(60)
+            time.sleep(delay)
+        finally:
+            proc.kill()
+            proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+        assert _loads_as(folder, versions[0]) or _loads_as(folder, versions[1])
+
+
+# ---------------------------------------------------------------- verified loads
 def test_tampered_weights_raise_value_error(tmp_path):
-    src = digits.DEFAULT_DIR
-    if not (src / WEIGHTS_NAME).is_file():
+    src = digits.DEFAULT_WEIGHTS
+    if not src.is_file():
         pytest.fail(f"committed weights missing; run `{TRAIN_COMMAND}`")
-    shutil.copy(src / WEIGHTS_NAME, tmp_path / WEIGHTS_NAME)
-    shutil.copy(src / META_NAME, tmp_path / META_NAME)
+    shutil.copy(src, tmp_path / WEIGHTS_NAME)
     load_digits_model(tmp_path)  # the untouched copy loads
-    data = bytearray((tmp_path / WEIGHTS_NAME).read_bytes())
-    data[-10] ^= 0x01
+    data = bytearray(src.read_bytes())
+    data[-10] ^= 0x01  # a bit in the last tensor
     (tmp_path / WEIGHTS_NAME).write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(ValueError, match="sha256.*corrupt"):
         load_digits_model(tmp_path / WEIGHTS_NAME)
+    (tmp_path / WEIGHTS_NAME).write_bytes(src.read_bytes()[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=WEIGHTS_NAME):
+        load_digits_model(tmp_path)
+
+
+def _forge(tmp_path, **meta_changes):
+    """A weights file holding the committed tensors under forged metadata."""
+    from safetensors.torch import load_file
+
+    header = read_header(digits.DEFAULT_WEIGHTS)
+    meta = {k: v for k, v in header.meta.items() if k != "tensors_sha256"}
+    meta.update(meta_changes)
+    path = tmp_path / WEIGHTS_NAME
+    weights_file.save_weights(path, load_file(str(digits.DEFAULT_WEIGHTS)), meta)
+    return path
+
+
+@pytest.mark.parametrize("arch, match", [
+    (dict(channels=32768, emb_dim=65536), "architecture needs"),  # ~1.4 TB of float32 if it were allocated
+    (dict(channels=10**12), "ints in"),
+    (dict(channel_mult=list(range(1, 10**6))), "channel_mult"),
+    (dict(groups=0), "ints in"),
+    (dict(channels=33), "arch|does not describe|do not match"),
+    (dict(frobnicate=1), "keys among"),
+    ("big", "keys among"),
+])
+def test_crafted_metadata_is_refused_before_allocating(tmp_path, arch, match):
+    """The architecture in the metadata must produce exactly the tensors the file holds; the network is
+    built on the meta device for that check, so even a terabyte-sized claim allocates nothing."""
+    path = _forge(tmp_path, arch=arch if isinstance(arch, str) else {**read_header(digits.DEFAULT_WEIGHTS)
+                                                                       .meta["arch"], **arch})
+    with pytest.raises(ValueError, match=match) as e:
+        load_digits_model(path)
+    assert str(path) in str(e.value)
+
+
+def test_crafted_header_is_refused_before_reading(tmp_path):
+    path = tmp_path / WEIGHTS_NAME
+    good = digits.DEFAULT_WEIGHTS.read_bytes()
+    n = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8:8 + n])
+    cases = {
+        "claims": (2**40).to_bytes(8, "little") + good[8:],  # header length beyond the file
+        "not JSON": good[:8] + b"\xff" * n + good[8 + n:],
+        "spans": None,  # a tensor declaring 10^12 elements over its few bytes
+        "adjointflow": None,  # no metadata of ours
+    }
+    big = dict(header)
+    name = next(k for k in big if k != "__metadata__")
+    big[name] = dict(big[name], shape=[10**6, 10**6])
+    bare = {k: v for k, v in header.items() if k != "__metadata__"}
+    for key, h in (("spans", big), ("adjointflow", bare)):
+        text = json.dumps(h).encode()
+        cases[key] = len(text).to_bytes(8, "little") + text + good[8 + n:]
+    for match, data in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=match):
+            load_digits_model(path)
 
 
 def test_missing_files_raise_file_not_found(tmp_path):
@@ -197,32 +350,57 @@ def test_missing_files_raise_file_not_found(tmp_path):
         load_digits_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="python -m adjointflow train-digits"):
         load_digits_model(tmp_path / "nope.safetensors")
-    # weights present but metadata missing
-    shutil.copy(digits.DEFAULT_DIR / WEIGHTS_NAME, tmp_path / WEIGHTS_NAME)
-    with pytest.raises(FileNotFoundError, match=META_NAME):
-        load_digits_model(tmp_path)
 
 
 # ---------------------------------------------------------------- the committed model
 def test_committed_model_loads_and_is_trained():
+    """Checked independently of the code that trained and saved it: the network holds exactly the file's
+    tensors (read by safetensors itself), its held-out flow-matching loss (own draws of t and noise) is a
+    small fraction of the loss of predicting v = 0 and of an untrained network, it denoises, and its
+    class label steers the prediction towards that class."""
+    from safetensors.torch import load_file
+
     net, meta = load_digits_model()
     assert isinstance(net, DigitsVelocityNet) and not net.training
     assert meta["prediction"] == "velocity" and meta["null_class"] == NULL_CLASS
-    assert meta["n_params"] == sum(p.numel() for p in net.parameters()) < 1_000_000
-    # the recorded held-out loss is reproduced (same fixed noise), and it is a trained value
+    raw = load_file(str(digits.DEFAULT_WEIGHTS))
+    assert raw.keys() == net.state_dict().keys()
+    assert all(torch.equal(raw[k], v) for k, v in net.state_dict().items())
+
     x, y = load_digits_tensor("test")
-    with torch.no_grad():
-        loss = float(digits._flow_loss(net, x, y, torch.Generator().manual_seed(1234)))
-    assert loss == pytest.approx(meta["test_loss_ema"], rel=1e-4)
-    assert loss < 0.16
-    # one-step denoising from t = 0.5 recovers the digit far better than the noisy input does
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(99)
+    t = torch.rand(x.shape[0], generator=g).clamp(0.05, 0.95)
     eps = torch.randn(x.shape, generator=g)
-    t = 0.5
-    xt = (1 - t) * x + t * eps
+    tb = t.view(-1, 1, 1, 1)
+    xt = (1 - tb) * x + tb * eps
+    torch.manual_seed(5)
+    untrained = DigitsVelocityNet(**meta["arch"]).eval()
     with torch.no_grad():
-        x0_hat = xt - t * net(xt, torch.full((x.shape[0],), t), y)
-    assert (x0_hat - x).square().mean() < 0.25 * (xt - x).square().mean()
+        untrained.out_conv.weight.normal_(0, 0.05)  # zero-initialised output: give the baseline a voice
+        loss = float((net(xt, t, y) - (eps - x)).square().mean())
+        loss_untrained = float((untrained(xt, t, y) - (eps - x)).square().mean())
+    loss_zero = float((eps - x).square().mean())
+    assert loss < 0.15 * loss_zero and loss < 0.15 * loss_untrained, (loss, loss_zero, loss_untrained)
+
+    # one-step denoising from t = 0.5 recovers the digit far better than the noisy input does
+    with torch.no_grad():
+        x05 = 0.5 * x + 0.5 * eps
+        x0_hat = x05 - 0.5 * net(x05, torch.full((x.shape[0],), 0.5), y)
+    assert (x0_hat - x).square().mean() < 0.25 * (x05 - x).square().mean()
+
+    # from mostly noise (t = 0.9), the predicted digit is nearest to the mean image of the class asked for
+    xtr, ytr = load_digits_tensor("train")
+    means = torch.stack([xtr[ytr == k].mean(0) for k in range(10)]).flatten(1)
+    asked = (y + 3) % 10  # not the digit under the noise
+    x09 = 0.1 * x + 0.9 * eps
+    with torch.no_grad():
+        pred = x09 - 0.9 * net(x09, torch.full((x.shape[0],), 0.9), asked)
+    nearest = torch.cdist(pred.flatten(1), means).argmin(1)
+    assert float((nearest == asked).float().mean()) > 0.8
+    # the metadata's held-out loss is this file's (same fixed noise as at training time)
+    with torch.no_grad():
+        recorded = float(digits._flow_loss(net, x, y, torch.Generator().manual_seed(1234)))
+    assert recorded == pytest.approx(meta["test_loss_ema"], rel=1e-4)
 
 
 def test_bundled_bespoke_solver_loads_for_the_bundled_model_only():

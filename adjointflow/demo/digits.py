@@ -14,7 +14,7 @@ API::
     x, y = load_digits_tensor("train")            # (1500, 1, 16, 16) in [-1, 1], labels (1500,)
     net, meta = load_digits_model()               # committed EMA weights, eval mode
     v = net(x_t, t, cond)                          # t: (B,) in [0, 1]; cond: (B,) long or None
-    train_digits("out_dir", steps=..., ...)       # writes digits_flow.safetensors/.json
+    train_digits("out_dir", steps=..., ...)       # writes digits_flow.safetensors (weights + metadata)
 
 ``cond`` holds class labels 0..9; ``None`` or the label ``NULL_CLASS`` (= 10) means
 unconditional (the model was trained with 10 % label dropout, so classifier-free guidance
@@ -27,8 +27,6 @@ Train from the command line with ``python -m adjointflow train-digits [--out DIR
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import platform
@@ -46,7 +44,6 @@ __all__ = [
     "NULL_CLASS",
     "NUM_CLASSES",
     "WEIGHTS_NAME",
-    "META_NAME",
     "DEFAULT_DIR",
     "DEFAULT_WEIGHTS",
     "TRAIN_COMMAND",
@@ -59,7 +56,6 @@ __all__ = [
 NUM_CLASSES = 10
 NULL_CLASS = 10  # label index meaning "no label" (classifier-free guidance)
 WEIGHTS_NAME = "digits_flow.safetensors"
-META_NAME = "digits_flow.json"
 DEFAULT_DIR = Path(__file__).resolve().parent
 DEFAULT_WEIGHTS = DEFAULT_DIR / WEIGHTS_NAME
 TRAIN_COMMAND = "python -m adjointflow train-digits"
@@ -314,14 +310,6 @@ class DigitsVelocityNet(nn.Module):
 # --------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _flow_loss(net, x0, y, g) -> torch.Tensor:
     b = x0.shape[0]
     t = torch.rand(b, generator=g)
@@ -345,6 +333,7 @@ def train_digits(
     warmup: int = 200,
     arch: dict[str, Any] | None = None,
     num_threads: int | None = 1,
+    overwrite: bool = False,
 ) -> tuple[DigitsVelocityNet, dict[str, Any]]:
     """Train the digits velocity model by flow matching and save it into ``out_dir``.
 
@@ -353,35 +342,49 @@ def train_digits(
     ``label_drop``. Adam (linear warm-up, cosine decay to 5 % of ``lr``), gradient clipping at
     1, and an EMA of the weights (the EMA weights are what is saved and returned).
 
-    Writes ``digits_flow.safetensors`` (float32 EMA weights) and ``digits_flow.json`` (settings,
-    ``arch`` kwargs, loss curve, final loss, test loss, versions, seconds, sha256 of the
-    weights) into ``out_dir`` (default: the package's ``adjointflow/demo/``). Returns
-    ``(ema_net in eval mode, metadata)``. ``num_threads`` sets ``torch.set_num_threads`` for
-    the run (restored afterwards); ``None`` leaves it alone.
+    Writes one file, ``digits_flow.safetensors``, into ``out_dir`` (default: the package's
+    ``adjointflow/demo/``): the float32 EMA weights and, in its header, the metadata (settings,
+    ``arch`` kwargs, loss curve, final loss, test loss, versions, seconds, SHA-256 of the tensors).
+    The write is atomic (:mod:`adjointflow.demo.weights_file`): an interrupted run leaves the
+    previous model intact. An existing file is a ``FileExistsError`` (raised before training)
+    unless ``overwrite=True``. Returns ``(ema_net in eval mode, metadata)``.
+
+    The seed fixes the run: initial weights, batches, labels dropped, times and noise. The global
+    torch RNG is left as found (the initialisation draws from it inside ``torch.random.fork_rng``);
+    ``num_threads`` sets ``torch.set_num_threads`` for the run (restored afterwards); ``None``
+    leaves it alone.
     """
     for name, val in (("steps", steps), ("batch", batch), ("log_every", log_every)):
         if not isinstance(val, int) or isinstance(val, bool) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be positive and finite, got {lr!r}")
+    if not 0 < lr <= 1:  # Adam moves every weight by about lr per step: beyond 1 it can only diverge
+        raise ValueError(f"lr must be in (0, 1], got {lr!r}")
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
     if not 0.0 <= label_drop <= 1.0:
         raise ValueError(f"label_drop must be in [0, 1], got {label_drop!r}")
     out = Path(out_dir) if out_dir is not None else DEFAULT_DIR
+    wpath = out / WEIGHTS_NAME
+    if wpath.exists() and not overwrite:
+        bundled = " (the bundled model the demo uses)" if out.resolve() == DEFAULT_DIR else ""
+        raise FileExistsError(
+            f"{wpath} exists{bundled}; pass overwrite=True (command line: --force) to replace it, "
+            "or another output folder (--out DIR)"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
+    from .weights_file import save_weights
 
     prev_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
         t_start = time.perf_counter()
-        torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         x_train, y_train = load_digits_tensor("train")
         arch = dict(arch or {})
-        net = DigitsVelocityNet(**arch)
+        with torch.random.fork_rng(devices=[]):  # nn.init draws from the global RNG; restore it afterwards
+            torch.manual_seed(seed)
+            net = DigitsVelocityNet(**arch)
         arch = dict(net.config)
         ema = copy.deepcopy(net).requires_grad_(False)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -409,7 +412,7 @@ def train_digits(
             y[drop] = NULL_CLASS
             loss = _flow_loss(net, x0, y, g)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at step {step + 1}; lower lr")
+                raise FloatingPointError(f"training loss became {loss.item()} at step {step + 1}; lower lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -448,12 +451,6 @@ def train_digits(
             )
 
         state = {k: v.detach().to(torch.float32).contiguous() for k, v in ema.state_dict().items()}
-        wpath = out / WEIGHTS_NAME
-        save_file(state, str(wpath), metadata={"format": "pt"})
-        try:  # safetensors writes 0600; the bundled file should be readable by everyone
-            os.chmod(wpath, 0o644)
-        except OSError:  # pragma: no cover
-            pass
         import sklearn
 
         meta: dict[str, Any] = {
@@ -497,12 +494,8 @@ def train_digits(
                 "numpy": np.__version__,
                 "python": platform.python_version(),
             },
-            "weights_file": WEIGHTS_NAME,
-            "weights_sha256": _sha256(wpath),
         }
-        with open(out / META_NAME, "w") as f:
-            json.dump(meta, f, indent=1)
-            f.write("\n")
+        meta = save_weights(wpath, state, meta, overwrite=overwrite)
         return ema, meta
     finally:
         if num_threads is not None:
@@ -512,43 +505,74 @@ def train_digits(
 # --------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------
+_ARCH_KEYS = ("in_channels", "channels", "channel_mult", "emb_dim", "num_classes", "groups", "patch")
+
+
+def _net_for_header(header) -> DigitsVelocityNet:
+    """The network the metadata's ``arch`` describes, built on the meta device (no memory), after checking
+    that its parameters are exactly the float32 tensors the file declares: a crafted ``arch`` cannot make
+    the loader allocate more than the file holds."""
+    path, specs = header.path, header.tensors
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: {why}. Retrain with `{TRAIN_COMMAND}`.")
+
+    arch = header.meta.get("arch")
+    if not isinstance(arch, dict) or not set(arch) <= set(_ARCH_KEYS):
+        raise bad(f"metadata 'arch' must be an object with keys among {_ARCH_KEYS}, got {arch!r}")
+    # bounds first, so that even building the (memory-free) meta network stays cheap
+    limit = sum(math.prod(s.shape) for s in specs.values())
+    for key, val in arch.items():
+        vals = val if key == "channel_mult" and isinstance(val, list) else [val]
+        if key == "channel_mult" and not (isinstance(val, list) and 1 <= len(val) <= len(specs)):
+            raise bad(f"arch.channel_mult must be a list of 1..{len(specs)} ints, got {val!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in vals):
+            raise bad(f"arch.{key} must hold ints in 1..{limit} (the file's element count), got {val!r}")
+    try:
+        with torch.device("meta"):
+            net = DigitsVelocityNet(**arch)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as exc:
+        raise bad(f"metadata 'arch' does not describe a network ({exc})") from None
+    want = {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
+    have = {k: (s.shape, s.dtype) for k, s in specs.items()}
+    if set(want) != set(have):
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        raise bad(f"the tensors do not match the architecture in its metadata (missing {missing[:3]}, "
+                  f"unexpected {extra[:3]})")
+    for k, (shape, dtype) in want.items():
+        if have[k] != (shape, "F32") or dtype != torch.float32:
+            raise bad(f"tensor {k!r} is {have[k][1]}{list(have[k][0])}, the architecture needs F32{list(shape)}")
+    return net
+
+
 def load_digits_model(
     path: str | os.PathLike | None = None,
 ) -> tuple[DigitsVelocityNet, dict[str, Any]]:
     """Load the digits model: ``(net in eval mode, metadata dict)``.
 
-    ``path`` is a ``.safetensors`` file (its metadata is the ``.json`` beside it) or a directory
-    holding ``digits_flow.safetensors`` and ``digits_flow.json``; the default is the committed
-    model in ``adjointflow/demo/``. The file's sha256 is checked against the metadata.
+    ``path`` is a ``digits_flow.safetensors`` file (weights and metadata in one file, see
+    :mod:`adjointflow.demo.weights_file`) or a directory holding one; the default is the committed
+    model in ``adjointflow/demo/``. The header is checked against the file size and the metadata's
+    architecture before anything is allocated, and the tensors against their SHA-256: a damaged or
+    crafted file is a ``ValueError`` naming it, a missing one a ``FileNotFoundError``.
     Parameters keep ``requires_grad=True`` (so gradients w.r.t. them can be taken); call
     ``net.requires_grad_(False)`` when not needed.
     """
+    from .weights_file import read_header, read_tensors
+
     p = Path(path) if path is not None else DEFAULT_WEIGHTS
     if p.is_dir():
         p = p / WEIGHTS_NAME
-    meta_path = p.with_suffix(".json")
-    for f in (p, meta_path):
-        if not f.is_file():
-            raise FileNotFoundError(
-                f"digits model file not found: {f}. Train the model with `{TRAIN_COMMAND}` "
-                f"(or `python -m adjointflow train-digits --out DIR`), which writes "
-                f"{WEIGHTS_NAME} and {META_NAME}."
-            )
-    with open(meta_path) as fh:
-        meta = json.load(fh)
-    expected = meta.get("weights_sha256")
-    actual = _sha256(p)
-    if expected != actual:
-        raise ValueError(
-            f"sha256 of {p} is {actual}, but {meta_path} records {expected}: the weights are "
-            f"corrupt or do not belong to this metadata. Retrain with `{TRAIN_COMMAND}`."
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"digits model file not found: {p}. Train the model with `{TRAIN_COMMAND}` "
+            f"(or `python -m adjointflow train-digits --out DIR`), which writes {WEIGHTS_NAME}."
         )
-    from safetensors.torch import load_file
-
-    net = DigitsVelocityNet(**meta["arch"])
-    net.load_state_dict(load_file(str(p)))
+    header = read_header(p)
+    net = _net_for_header(header).to_empty(device="cpu")
+    net.load_state_dict(read_tensors(header))
     net.eval()
-    return net, meta
+    return net, header.meta
 
 
 # --------------------------------------------------------------------------------------
