@@ -1,16 +1,17 @@
 """``solve``: the one driver loop shared by every solver and gradient strategy."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteError
+from .finite import FiniteRecord, check_finite_mode
 from .grids import validate_grid
-from .models import Denoiser, Prediction
+from .models import Denoiser, EvalPoint, Prediction
+from .plan import BoundPlan
+from .schedules import as_time
 from .solvers.base import Solver, State
 
 __all__ = ["solve", "Solution", "StepInfo", "Problem", "ModelCall", "integrate", "resolve_noise"]
@@ -41,31 +42,40 @@ class StepInfo:
 
 
 class ModelCall:
-    """``model(x, t) -> Prediction`` as solvers see it: ``cond`` bound, NFE counted, NaN/Inf caught.
+    """``model(x, t) -> Prediction`` as solvers see it: ``cond`` bound, evaluations recorded.
 
-    ``step`` is set by the loop so a non-finite output can name the step it came from.
+    ``t`` is an :class:`~adjointflow.models.EvalPoint` of the solve's plan (precomputed network time and
+    conversions: no schedule work, no host sync) or a time tensor (learned solvers, guidance). Each call
+    appends a NaN/Inf witness of the output to ``record.calls`` (:class:`~adjointflow.finite.FiniteRecord`;
+    checked after the loop, so a bad output is named with its step and time); ``nfe`` counts the calls.
     """
 
-    def __init__(self, denoiser: Denoiser, cond=None):
+    def __init__(self, denoiser: Denoiser, cond=None, check_finite=True):
         self.denoiser = denoiser
         self.schedule = denoiser.schedule
+        self.kind = denoiser.prediction
         self.cond = cond
-        self.nfe = 0
-        self.step = None
+        self.record = FiniteRecord(check_finite)
+
+    @property
+    def nfe(self) -> int:
+        return len(self.record.calls)
+
+    def replay(self) -> "ModelCall":
+        """The same model with a throwaway record (checkpointing's recomputation of recorded evaluations)."""
+        return ModelCall(self.denoiser, self.cond, False)
 
     def __call__(self, x: Tensor, t) -> Prediction:
-        self.nfe += 1
-        pred = self.denoiser(x, t, self.cond)
-        if not all_finite(pred.raw):
-            raise NonFiniteError(
-                f"the model returned NaN/Inf at step {self.step} (t={float(t):.6g})", step=self.step, t=float(t)
-            )
-        return pred
+        raw = self.denoiser.raw(x, t, self.cond)
+        self.record.model(raw, t)
+        source = t.conversion if isinstance(t, EvalPoint) else self.schedule
+        return Prediction(x, t if isinstance(t, EvalPoint) else as_time(t), raw, self.kind, source)
 
 
 @dataclass
 class Problem:
-    """Everything a gradient strategy needs to run (and re-run) a solve."""
+    """Everything a gradient strategy needs to run (and re-run) a solve: the inputs, the solver's
+    :class:`~adjointflow.plan.BoundPlan` (``bound.rows[i]`` is step ``i``'s row) and the options."""
 
     denoiser: Denoiser
     x: Tensor
@@ -76,51 +86,53 @@ class Problem:
     callback: Callable | None = None
     save_trajectory: bool = False
     progress: bool = False
+    bound: BoundPlan | None = None
+    check_finite: Any = True
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.bound is None:
+            self.bound = self.solver.plan(self.denoiser.schedule, self.grid).bind(self.denoiser, self.x,
+                                                                                   tensors=self.compile)
 
     def model(self) -> ModelCall:
-        return ModelCall(self.denoiser, self.cond)
-
-
-def all_finite(x: Tensor) -> bool:
-    """True iff every entry of ``x`` is finite.
-
-    A sum is NaN/Inf whenever an entry is, and costs one reduction instead of a full boolean
-    tensor (this check runs after every network call); only an overflowing sum of finite
-    entries needs the exact check.
-    """
-    if math.isfinite(float(x.detach().sum())):
-        return True
-    return bool(torch.isfinite(x).all())
-
-
-def _check_finite(x: Tensor, i: int, t) -> None:
-    if not all_finite(x):
-        raise NonFiniteError(f"the solver update produced NaN/Inf at step {i} (t={float(t):.6g})", step=i, t=float(t))
+        return ModelCall(self.denoiser, self.cond, self.check_finite)
 
 
 def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, stop: int | None = None,
-              trajectory: list | None = None) -> State:
-    """Run steps ``start .. stop-1`` of ``problem`` from ``state``; optionally collect each new
-    ``x`` into ``trajectory``."""
-    grid, solver, noise, cb = problem.grid, problem.solver, problem.noise, problem.callback
-    stop = len(grid) - 1 if stop is None else stop
-    steps = range(start, stop)
+              trajectory: list | None = None, step=None) -> State:
+    """Run steps ``start .. stop-1`` of ``problem`` from ``state``; optionally collect each new ``x`` into
+    ``trajectory``. ``step(model, state, row, noise)`` defaults to ``problem.solver.step``.
+
+    The loop reads only host values (rows, Python-float times): NaN/Inf go to ``model.record`` and are
+    checked after the loop (:meth:`~adjointflow.finite.FiniteRecord.check`), or after every step with
+    ``check_finite="step"``.
+    """
+    rows, times, noise, cb = problem.bound.rows, problem.bound.plan.times, problem.noise, problem.callback
+    step = problem.solver.step if step is None else step
+    stop = len(rows) if stop is None else stop
+    record, x = model.record, state.x
     bar = None
     if problem.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(steps), desc=type(solver).__name__, leave=False)
+        bar = tqdm(total=stop - start, desc=type(problem.solver).__name__, leave=False)
     try:
-        for i in steps:
-            model.step = i
-            new = solver.step(model, state, grid, i, noise)
+        for i in range(start, stop):
+            dw = None
+            if noise is not None:
+                dw = noise(times[i], times[i + 1]).to(device=x.device, dtype=x.dtype)
+                if dw.shape != x.shape:
+                    raise ValueError(f"noise(t, t_next) returned shape {tuple(dw.shape)} but x has {tuple(x.shape)}")
+            new = step(model, state, rows[i], dw)
             if cb is not None:
-                out = cb(StepInfo(i, grid[i], grid[i + 1], state.x, new.x))
+                g = problem.grid
+                out = cb(StepInfo(i, g[i], g[i + 1], state.x, new.x))
                 if out is not None:
                     if not isinstance(out, Tensor) or out.shape != new.x.shape:
                         raise ValueError("a solve callback must return None or a tensor shaped like x")
                     new = new.with_x(out)
-            _check_finite(new.x, i, grid[i + 1])
+            record.end_step(i, times[i + 1], new.x)
             state = new
             if trajectory is not None:
                 trajectory.append(state.x)
@@ -178,7 +190,10 @@ def resolve_noise(solver: Solver, noise, x: Tensor, grid: Tensor, name: str = "x
         return BrownianNoise(tuple(x.shape), seed=seed, dtype=x.dtype, device=x.device)
     if not callable(noise):
         raise TypeError(f"noise must be a BrownianNoise (callable as noise(t, t_next)), got {type(noise).__name__}")
-    if tuple(getattr(noise, "shape", x.shape)) != tuple(x.shape):
+    if not hasattr(noise, "shape"):
+        raise TypeError(f"noise must have a .shape equal to {name}'s {tuple(x.shape)} (e.g. a BrownianNoise): a callable "
+                        "without one may return a single draw that every sample of the batch would share")
+    if tuple(noise.shape) != tuple(x.shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)} but {name} has {tuple(x.shape)}")
     if getattr(noise, "dtype", x.dtype) != x.dtype:
         raise TypeError(f"noise has dtype {noise.dtype} but {name} has {x.dtype}; build it with dtype={x.dtype}")
@@ -199,6 +214,8 @@ def solve(
     save_trajectory: bool = False,
     progress: bool = False,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
+    check_finite=True,
+    compile: bool = False,
 ) -> Solution:
     """Integrate ``x`` from ``grid[0]`` to ``grid[-1]`` with ``solver`` under ``denoiser``.
 
@@ -209,8 +226,15 @@ def solve(
     (a :class:`~adjointflow.noise.BrownianNoise`; default: one seeded with 0). ``callback(StepInfo)``
     runs after every step and may return a replacement state (guidance uses it).
 
-    Returns a :class:`Solution`. Raises :class:`~adjointflow.errors.NonFiniteError` naming the step
-    and time if the model returns NaN/Inf.
+    Everything that depends only on the schedule and the grid is planned once, in float64, before the
+    loop (:class:`~adjointflow.plan.Plan`); the loop makes no host-device synchronisation. NaN/Inf in the
+    model's outputs and in the updates are recorded on the device and checked once after the loop:
+    :class:`~adjointflow.errors.NonFiniteError` names the first bad step, its time and whether the model
+    or the update went bad. ``check_finite="step"`` checks after every step instead (debugging; one sync
+    per step), ``False`` turns the check off. ``compile=True`` runs each step through ``torch.compile``
+    (``fullgraph=True``; the rows are tensors, so one compiled step serves the whole grid).
+
+    Returns a :class:`Solution`.
     """
     from .adjoint.strategies import Backprop, GradientStrategy
 
@@ -231,5 +255,9 @@ def solve(
     noise = resolve_noise(solver, noise, x, grid)
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
-    problem = Problem(denoiser, x, grid, solver, cond, noise, callback, save_trajectory, progress)
+    check_finite_mode(check_finite)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
+    problem = Problem(denoiser, x, grid, solver, cond, noise, callback, save_trajectory, progress,
+                      check_finite=check_finite, compile=compile)
     return gradient.run(problem)

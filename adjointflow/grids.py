@@ -85,7 +85,8 @@ def timesteps(
 def validate_grid(grid) -> Tensor:
     """Check a user grid: 1-D, at least two points, finite, inside ``[0, 1]``, strictly monotone.
 
-    Returns it as a float64 CPU tensor. Raises ``ValueError``/``TypeError`` with the offending index.
+    Returns it as a float64 CPU tensor. Raises ``ValueError``/``TypeError`` with the offending index, and
+    ``ValueError`` for a grid that requires grad (never silently detached).
     """
     if isinstance(grid, (list, tuple)):
         grid = torch.tensor(grid, dtype=torch.float64)
@@ -93,7 +94,10 @@ def validate_grid(grid) -> Tensor:
         raise TypeError(f"grid must be a 1-D tensor or sequence of times, got {type(grid).__name__}")
     if grid.is_complex() or not (grid.is_floating_point() or grid.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"grid must be real, got dtype {grid.dtype}")
-    g = as_time(grid).detach().cpu()
+    if grid.requires_grad:
+        raise ValueError("grid requires grad, but gradients do not flow to the grid times (they are planned in "
+                         "float64 on the host); pass grid.detach(), or learn the times with a BespokeSolver")
+    g = as_time(grid).cpu()
     if g.ndim != 1:
         raise ValueError(f"grid must be 1-D, got shape {tuple(g.shape)}")
     if g.numel() < 2:

@@ -13,8 +13,7 @@ The PF-ODE of any Gaussian path is ``dx/dt = u`` (``= f x + g^2/(2 sigma) eps_ha
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
@@ -22,7 +21,8 @@ from torch import Tensor, nn
 
 from .schedules import NoiseSchedule, as_time
 
-__all__ = ["Denoiser", "Prediction", "ClassifierFreeGuidance", "PREDICTIONS", "convert", "from_pair", "Coefficients"]
+__all__ = ["Denoiser", "Prediction", "ClassifierFreeGuidance", "PREDICTIONS", "convert", "from_pair", "Coefficients",
+           "Conversion", "EvalPoint", "affine_coefficients"]
 
 PREDICTIONS = ("eps", "x0", "v", "velocity", "score")
 
@@ -43,6 +43,46 @@ class Coefficients:
         return Coefficients(*(v.to(dtype=like.dtype, device=like.device) for v in vals))
 
 
+def affine_coefficients(kind: str, target: str, a, s, da, ds):
+    """``(p, q)`` with ``target = p x + q raw`` for a model output ``raw`` of type ``kind`` at state ``x``.
+
+    Every prediction type is affine in ``(x, raw)`` at a fixed time (module docstring); the pair is
+    first written for ``(x0_hat, eps_hat)`` and then mapped to ``target``. ``a, s, da, ds`` are
+    ``alpha, sigma, alpha', sigma'`` (floats or tensors of any shape). Where a conversion divides by
+    zero the result is infinite or NaN (the caller decides what to say).
+    """
+    if kind == "eps":
+        x0, eps = (1 / a, -s / a), (0.0, 1.0)
+    elif kind == "x0":
+        x0, eps = (0.0, 1.0), (1 / s, -a / s)
+    elif kind == "v":
+        n = a * a + s * s
+        x0, eps = (a / n, -s / n), (s / n, a / n)
+    elif kind == "velocity":
+        det = a * ds - s * da
+        x0, eps = (ds / det, -s / det), (-da / det, a / det)
+    elif kind == "score":
+        x0, eps = (1 / a, s * s / a), (0.0, -s)
+    else:
+        raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTIONS}")
+    return tuple(_combine(target, x0[j], eps[j], a, s, da, ds) for j in (0, 1))
+
+
+def _combine(target: str, x0, eps, a, s, da, ds):
+    """``target`` as a linear combination of ``(x0_hat, eps_hat)`` (module docstring)."""
+    if target == "x0":
+        return x0
+    if target == "eps":
+        return eps
+    if target == "v":
+        return a * eps - s * x0
+    if target == "velocity":
+        return da * x0 + ds * eps
+    if target == "score":
+        return -eps / s
+    raise ValueError(f"unknown prediction type {target!r}; choose one of {PREDICTIONS}")
+
+
 def _require_nonzero(coef: Tensor, name: str, kind: str) -> None:
     # At a singular end of the path (alpha = 0 at t = 1 of LinearFlow/VPCosine, sigma = 0 at t = 0 of a VP
     # path) some conversions divide by zero: say so instead of letting NaN/Inf into the state.
@@ -57,25 +97,12 @@ def _require_nonzero(coef: Tensor, name: str, kind: str) -> None:
 
 def _pair(raw: Tensor, kind: str, x: Tensor, c: Coefficients) -> tuple[Tensor, Tensor]:
     """Return ``(x0_hat, eps_hat)`` from a model output of type ``kind``."""
-    a, s, da, ds = c.alpha, c.sigma, c.dalpha, c.dsigma
     if kind in ("eps", "score"):
-        _require_nonzero(a, "alpha", kind)
+        _require_nonzero(c.alpha, "alpha", kind)
     elif kind == "x0":
-        _require_nonzero(s, "sigma", kind)
-    if kind == "eps":
-        return (x - s * raw) / a, raw
-    if kind == "x0":
-        return raw, (x - a * raw) / s
-    if kind == "v":
-        n = a * a + s * s
-        return (a * x - s * raw) / n, (s * x + a * raw) / n
-    if kind == "velocity":
-        det = a * ds - s * da
-        return (ds * x - s * raw) / det, (a * raw - da * x) / det
-    if kind == "score":
-        eps = -s * raw
-        return (x - s * eps) / a, eps
-    raise ValueError(f"unknown prediction type {kind!r}; choose one of {PREDICTIONS}")
+        _require_nonzero(c.sigma, "sigma", kind)
+    coef = (c.alpha, c.sigma, c.dalpha, c.dsigma)
+    return tuple(p * x + q * raw for p, q in (affine_coefficients(kind, target, *coef) for target in ("x0", "eps")))
 
 
 def convert(raw: Tensor, kind: str, target: str, x: Tensor, coeffs: Coefficients) -> Tensor:
@@ -90,63 +117,128 @@ def convert(raw: Tensor, kind: str, target: str, x: Tensor, coeffs: Coefficients
 
 def from_pair(x0: Tensor, eps: Tensor, target: str, coeffs: Coefficients) -> Tensor:
     """Any prediction type from ``(x0_hat, eps_hat)`` (affine; see the module docstring)."""
-    a, s, da, ds = coeffs.alpha, coeffs.sigma, coeffs.dalpha, coeffs.dsigma
-    if target == "x0":
-        return x0
-    if target == "eps":
-        return eps
-    if target == "v":
-        return a * eps - s * x0
-    if target == "velocity":
-        return da * x0 + ds * eps
     if target == "score":
-        _require_nonzero(s, "sigma", "score")
-        return -eps / s
-    raise ValueError(f"unknown prediction type {target!r}; choose one of {PREDICTIONS}")
+        _require_nonzero(coeffs.sigma, "sigma", "score")
+    return _combine(target, x0, eps, coeffs.alpha, coeffs.sigma, coeffs.dalpha, coeffs.dsigma)
+
+
+def singular_conversion_message(kind: str, target: str, t: float, alpha: float, sigma: float) -> str:
+    """Why ``kind -> target`` has no finite value at time ``t`` (a singular end of the path)."""
+    if alpha == 0.0 and kind in ("eps", "score"):
+        return (f"cannot convert a {kind!r} prediction to {target!r} at t={t:.6g}, where alpha = 0 (the noise end): "
+                f"x0 = (x - sigma eps)/alpha divides by alpha. Start the grid at t < 1 (e.g. timesteps(schedule, n, "
+                f"t_start=0.999)) or use a model whose prediction is finite there (velocity, v or x0)")
+    if sigma == 0.0:
+        return (f"cannot convert a {kind!r} prediction to {target!r} at t={t:.6g}, where sigma = 0 (the data end): "
+                f"the conversion divides by sigma or the PF-ODE drift is infinite there. Start an inversion grid at "
+                f"t > 0 or end a sampling grid above 0 (t_end=1e-3), or use an 'eps' model")
+    return (f"cannot convert a {kind!r} prediction to {target!r} at t={t:.6g}: the schedule's alpha, sigma or their "
+            f"time derivatives make the conversion infinite there")
+
+
+class Conversion:
+    """The conversions of one model output at one time: ``target = p x + q raw`` for every target type.
+
+    ``pq[target]`` is ``(p, q)`` (Python floats, or 0-dim tensors for compiled steps), ``(None, q)``
+    where ``p = 0``, or ``None`` where the conversion is not finite at this time (a singular end:
+    :meth:`apply` raises ``ValueError`` saying why). ``where = (t, alpha, sigma)`` names the time.
+    Built once per solve by :class:`~adjointflow.plan.Plan` from float64 schedule values.
+    """
+
+    __slots__ = ("kind", "pq", "where")
+
+    def __init__(self, kind: str, pq: dict, where: tuple):
+        self.kind, self.pq, self.where = kind, pq, where
+
+    def apply(self, target: str, x: Tensor, raw: Tensor) -> Tensor:
+        if target == self.kind:
+            return raw
+        if target not in PREDICTIONS:
+            raise ValueError(f"unknown prediction type {target!r}; choose one of {PREDICTIONS}")
+        pq = self.pq[target]
+        if pq is None:
+            raise ValueError(singular_conversion_message(self.kind, target, *self.where))
+        p, q = pq
+        if p is None:
+            return raw * q
+        if isinstance(p, float):
+            return torch.add(raw * q, x, alpha=p)
+        return x * p + raw * q
+
+
+class EvalPoint:
+    """A time at which a solve evaluates the model, bound to that solve: ``t`` (float), the network's
+    time tensor ``t_net`` of shape ``(batch,)`` and the output's :class:`Conversion` (precomputed)."""
+
+    __slots__ = ("index", "t", "t_net", "conversion")
+
+    def __init__(self, index: int, t: float, t_net: Tensor, conversion: Conversion):
+        self.index, self.t, self.t_net, self.conversion = index, t, t_net, conversion
+
+    def __repr__(self):
+        return f"EvalPoint(t={self.t:.6g})"
+
+    def __float__(self):
+        return self.t
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One network evaluation at ``(x, t)``, viewable as any prediction type (conversions are lazy)."""
+    """One network evaluation at ``(x, t)``, viewable as any prediction type (conversions are lazy and cached).
+
+    ``source`` gives the conversion coefficients: the schedule (evaluated on demand), the
+    :class:`Coefficients`, or a precomputed :class:`Conversion` (inside ``solve``).
+    """
 
     x: Tensor
-    t: Tensor
+    t: "Tensor | EvalPoint"
     raw: Tensor
     kind: str
-    source: "NoiseSchedule | Coefficients"  # a schedule (coefficients computed on demand) or the coefficients
+    source: "NoiseSchedule | Coefficients | Conversion"
+    # plain dict rather than functools.cached_property: the latter takes a lock that torch.compile cannot trace
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    @cached_property
+    @property
     def coeffs(self) -> Coefficients:
-        # lazy: a solver that uses the network's own prediction type needs no coefficients
+        """``alpha, sigma`` and derivatives at ``t`` (for a schedule or :class:`Coefficients` source)."""
         if isinstance(self.source, Coefficients):
             return self.source
+        if isinstance(self.source, Conversion):
+            raise TypeError("this prediction carries precomputed conversions, not Coefficients; use .source")
         return Coefficients.at(self.source, self.t, self.x)
 
     def as_(self, target: str) -> Tensor:
         """This evaluation as prediction type ``target`` (exact affine conversion)."""
         if target == self.kind:
             return self.raw
-        return convert(self.raw, self.kind, target, self.x, self.coeffs)
+        out = self._cache.get(target)
+        if out is None:
+            if isinstance(self.source, Conversion):
+                out = self.source.apply(target, self.x, self.raw)
+            else:
+                out = convert(self.raw, self.kind, target, self.x, self.coeffs)
+            self._cache[target] = out
+        return out
 
-    @cached_property
+    @property
     def x0(self) -> Tensor:
         """Tweedie estimate ``E[x_0 | x_t]``."""
         return self.as_("x0")
 
-    @cached_property
+    @property
     def eps(self) -> Tensor:
         return self.as_("eps")
 
-    @cached_property
+    @property
     def velocity(self) -> Tensor:
         """PF-ODE drift ``dx/dt``."""
         return self.as_("velocity")
 
-    @cached_property
+    @property
     def score(self) -> Tensor:
         return self.as_("score")
 
-    @cached_property
+    @property
     def v(self) -> Tensor:
         return self.as_("v")
 
@@ -201,17 +293,29 @@ class Denoiser(nn.Module):
         return f"schedule={self.schedule}, prediction={self.prediction!r}, noise_at_zero={self.noise_at_zero}"
 
     def network_time(self, t, x: Tensor) -> Tensor:
-        """The time tensor of shape ``(batch,)`` the network receives for our ``t``."""
-        # the one-op hot path goes through float(t), so only when no gradient w.r.t. t is wanted
-        if self.net_time is None and not self.noise_at_zero and (not isinstance(t, Tensor) or (t.ndim == 0 and not t.requires_grad)):
-            return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)  # hot path: one op
-        t = as_time(t)
-        tm = 1.0 - t if self.noise_at_zero else t
-        tn = self.net_time(tm) if self.net_time is not None else tm
-        tn = torch.as_tensor(tn)
-        if tn.is_floating_point():
-            tn = tn.to(dtype=x.dtype)
+        """The time tensor of shape ``(batch,)`` the network receives for our ``t`` (a float, a tensor, or an
+        :class:`EvalPoint` whose network time was computed once per solve by :meth:`network_times`)."""
+        if isinstance(t, EvalPoint):
+            return t.t_net
+        if not isinstance(t, Tensor) and self.net_time is None and not self.noise_at_zero:
+            return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+        # a tensor time is never read on the host (no device sync; gradients w.r.t. t flow)
+        tn = self._map_time(as_time(t), x)
         return tn.to(device=x.device).expand(x.shape[0]) if tn.ndim == 0 else tn.to(device=x.device)
+
+    def network_times(self, t: Tensor, x: Tensor) -> Tensor:
+        """Network times for the 1-D float64 times ``t`` at once: shape ``(len(t), batch)``, row ``j`` is what
+        :meth:`network_time` gives for ``t[j]`` (``net_time`` must act elementwise, as a time map does)."""
+        tn = self._map_time(t, x)
+        if tuple(tn.shape) != tuple(t.shape):
+            raise ValueError(f"net_time must map a 1-D tensor of times elementwise; for shape {tuple(t.shape)} it "
+                             f"returned shape {tuple(tn.shape)}")
+        return tn.to(device=x.device)[:, None].expand(t.shape[0], x.shape[0]).contiguous()
+
+    def _map_time(self, t: Tensor, x: Tensor) -> Tensor:
+        tm = 1.0 - t if self.noise_at_zero else t
+        tn = torch.as_tensor(self.net_time(tm) if self.net_time is not None else tm)
+        return tn.to(dtype=x.dtype) if tn.is_floating_point() else tn
 
     def raw(self, x: Tensor, t, cond=None) -> Tensor:
         """The network output at ``(x, t)`` in this denoiser's prediction type and our time convention."""
@@ -239,6 +343,8 @@ class Denoiser(nn.Module):
         return out
 
     def forward(self, x: Tensor, t, cond=None) -> Prediction:
+        if isinstance(t, EvalPoint):
+            return Prediction(x, t, self.raw(x, t, cond), self.prediction, t.conversion)
         t = as_time(t)
         return Prediction(x, t, self.raw(x, t, cond), self.prediction, self.schedule)
 

@@ -41,11 +41,6 @@ def _log_sigma_vp(log_alpha: Tensor) -> Tensor:
     return 0.5 * torch.log(-torch.expm1(2.0 * log_alpha))
 
 
-def _dlog_sigma_vp(log_alpha: Tensor, dlog_alpha: Tensor) -> Tensor:
-    # d/dt 0.5 log(1 - alpha^2) = -alpha^2/sigma^2 * dlog_alpha
-    return -torch.exp(2 * log_alpha) / (-torch.expm1(2 * log_alpha)) * dlog_alpha
-
-
 def _clamp_log_alpha(la: Tensor) -> Tensor:
     # a difference of logs can round to +1e-17 at t = 0; alpha <= 1 on a VP path
     return torch.clamp(la, max=0.0)
@@ -172,8 +167,17 @@ class VariancePreserving(NoiseSchedule):
     def log_sigma(self, t):
         return _log_sigma_vp(self.log_alpha(t))
 
+    def dsigma_dt(self, t):
+        # d sigma/dt = -alpha alpha'/sigma: 0 where alpha = 0 (t = 1 of VPCosine), +inf where sigma = 0 (t = 0);
+        # sigma * dlog_sigma would give 1 * (0 * inf) = NaN at the first and 0 * inf at the second
+        return -self.alpha(t) * self.dalpha_dt(t) / self.sigma(t)
+
     def dlog_sigma_dt(self, t):
-        return _dlog_sigma_vp(self.log_alpha(t), self.dlog_alpha_dt(t))
+        return -self.alpha(t) * self.dalpha_dt(t) / self.sigma(t) ** 2
+
+    def g2(self, t):
+        # g^2 = d sigma^2/dt - 2 f sigma^2 = -2 f on a VP path (finite at sigma = 0, where the general form is 0 * inf)
+        return -2.0 * self.f(t)
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,11 @@ class VPCosine(VariancePreserving):
 
     def dlog_alpha_dt(self, t):
         return -0.5 * math.pi / (1.0 + self.s) / torch.tan(self._phi(t))
+
+    def dalpha_dt(self, t):
+        # closed form, finite at t = 1 where alpha * dlog_alpha would be 0 * inf
+        c0 = math.cos(0.5 * math.pi * self.s / (1 + self.s))
+        return -0.5 * math.pi / (1.0 + self.s) * torch.cos(self._phi(t)) / c0
 
     def t_from_log_snr(self, lam):
         la = _log_alpha_vp_from_lambda(as_time(lam))

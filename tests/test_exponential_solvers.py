@@ -95,7 +95,7 @@ def test_ddim_is_alpha_x0_plus_sigma_eps():
     grid = timesteps(sch, 5)
     model = ModelCall(den)
     for form in ("eps", "x0"):
-        out = DDIM(prediction=form).step(model, State(x), grid, 2).x
+        out = DDIM(prediction=form).step_at(model, State(x), grid, 2).x
         p = den(x, grid[2])
         ref = sch.alpha(grid[3]) * p.x0 + sch.sigma(grid[3]) * p.eps
         assert (out - ref).abs().max() <= 1e-13
@@ -136,8 +136,8 @@ def test_first_step_coefficients_are_closed_form():
         for s in solvers:
             if s.stochastic:
                 continue  # the SDE's x-coefficient is (sigma_1/sigma_0) e^{-h}; checked in test_sde_first_step
-            out = s.step(model, State(x), grid, 0).x
-            out2 = s.step(model, State(x + dx), grid, 0).x
+            out = s.step_at(model, State(x), grid, 0).x
+            out2 = s.step_at(model, State(x + dx), grid, 0).x
             # rounding only: the outputs are O(30) here, so compare at 1e-13
             assert (out2 - out - lead * dx).abs().max() <= 1e-13, s
             assert (out - lead * x - coef * p).abs().max() <= 1e-13, s
@@ -153,7 +153,7 @@ def test_sde_first_step_closed_form():
     x = latent(2)[:, :3]
     noise = BrownianNoise(x.shape, seed=5, dtype=F64)
     z = noise(grid[0], grid[1]) / math.sqrt(float(grid[0] - grid[1]))
-    out = SDEDPMSolverPP(order=2).step(model, State(x), grid, 0, noise).x
+    out = SDEDPMSolverPP(order=2).step_at(model, State(x), grid, 0, noise).x
     ref = s1 / s0 * e_mh * x + a1 * (1 - e_mh**2) * net.value(grid[0]) + s1 * math.sqrt(1 - e_mh**2) * z
     assert (out - ref).abs().max() <= 1e-14
 
@@ -164,7 +164,7 @@ def _step_with_history(solver, sch, prediction, f, i, grid):
     model = ModelCall(Denoiser(net, sch, prediction))
     x = latent(2)[:, :3]
     hist = tuple(net.value(grid[i - j]).expand_as(x) for j in range(1, solver.order))
-    return x, net, solver.step(model, State(x, hist), grid, i)
+    return x, net, solver.step_at(model, State(x, hist), grid, i)
 
 
 @pytest.mark.parametrize(
@@ -180,8 +180,8 @@ def test_empty_history_takes_single_step_form(multistep, single):
     sch, d = EDM(), data()
     model, x, grid = ModelCall(d.denoiser(sch, "eps")), latent(), timesteps(sch, 20)
     noise = BrownianNoise(x.shape, seed=2, dtype=F64) if multistep.stochastic else None
-    out = multistep.step(model, State(x), grid, 5, noise).x
-    ref = single.step(model, State(x), grid, 5, noise).x
+    out = multistep.step_at(model, State(x), grid, 5, noise).x
+    ref = single.step_at(model, State(x), grid, 5, noise).x
     assert torch.equal(out, ref)
 
 
@@ -192,9 +192,9 @@ def test_one_history_entry_takes_the_two_step_form(three):
     sch, d = EDM(), data()
     model, x, grid = ModelCall(d.denoiser(sch, "eps")), latent(), timesteps(sch, 20)
     hist = (den_pred(model, x, grid[4], three.prediction),)
-    out = three.step(model, State(x, hist), grid, 5).x
+    out = three.step_at(model, State(x, hist), grid, 5).x
     two = type(three)(**{**vars(three), "order": 2})
-    assert torch.equal(out, two.step(model, State(x, hist), grid, 5).x)
+    assert torch.equal(out, two.step_at(model, State(x, hist), grid, 5).x)
 
 
 def den_pred(model, x, t, kind):
@@ -205,7 +205,7 @@ def den_pred(model, x, t, kind):
 def test_deis3_singlestep_warmup_is_dpm_solver_2():
     sch, d = VPLinear(), data()
     den, x, grid = d.denoiser(sch, "eps"), latent(), timesteps(sch, 20)
-    out = DEIS(order=3).step(ModelCall(den), State(x), grid, 0).x
+    out = DEIS(order=3).step_at(ModelCall(den), State(x), grid, 0).x
     iv = Interval.of(sch, grid[0], grid[1])
     t_mid = sch.t_from_log_snr(torch.tensor(0.5 * (iv.lam_s + iv.lam_t), dtype=F64))
     a0, s0, am, sm, a1, s1 = (float(f(t)) for t in (grid[0], t_mid, grid[1]) for f in (sch.alpha, sch.sigma))
@@ -249,7 +249,7 @@ def test_second_order_heun_is_exact_for_linear_x0(solver):
     model = ModelCall(Denoiser(net, sch, "x0"))
     x = latent(2)[:, :3]
     hist = (net.value(grid[4]).expand_as(x),) if solver.multistep else ()
-    out = solver.step(model, State(x, hist), grid, 5).x
+    out = solver.step_at(model, State(x, hist), grid, 5).x
     ref = _exact_data_form(sch, net, grid[5], grid[6], x)
     assert (out - ref).abs().max() <= 1e-12
 
@@ -361,7 +361,7 @@ def test_flow_from_t1_velocity_model(solver):
     sch, d = LinearFlow(), data()
     den, x = d.denoiser(sch, "velocity"), latent()
     grid = timesteps(sch, 4, "uniform", t_start=1.0, t_end=1e-2)
-    first = solver.step(ModelCall(den), solver.init(None, x, grid), grid, 0).x
+    first = solver.step_at(ModelCall(den), solver.init(None, x, grid), grid, 0).x
     with torch.no_grad():
         ref = float(sch.alpha(grid[1])) * den(x, grid[0]).x0 + float(sch.sigma(grid[1])) * x
         assert (first - ref).abs().max() <= 1e-14
@@ -421,7 +421,7 @@ def test_inversion_from_t0_needs_eps():
     net = TimeOnly(lambda t: t, COEFFS)
     den = Denoiser(net, sch, "eps")
     for solver in (DDIM(), DDIM(prediction="x0"), DPMSolverPP(order=2), DEIS(order=3)):
-        first = solver.step(ModelCall(den), State(x), g, 0).x
+        first = solver.step_at(ModelCall(den), State(x), g, 0).x
         ref = float(sch.alpha(g[1])) * x + float(sch.sigma(g[1])) * net.value(g[0])
         assert (first - ref).abs().max() <= 1e-14, solver
         with torch.no_grad():
@@ -440,7 +440,7 @@ def test_lower_order_final_rule():
     with torch.no_grad():
         sol = solve(den, x, grid, DPMSolverPP(order=2), save_trajectory=True)
         state = State(sol.trajectory[-2], (den(sol.trajectory[-3], grid[-3]).x0,))
-        last = DDIM(prediction="x0").step(ModelCall(den), State(state.x), grid, 9).x
+        last = DDIM(prediction="x0").step_at(ModelCall(den), State(state.x), grid, 9).x
         assert (sol.x - last).abs().max() <= 1e-15
         off = solve(den, x, grid, DPMSolverPP(order=2, lower_order_final=False)).x
         assert (off - sol.x).abs().max() > 1e-6
@@ -461,10 +461,10 @@ def test_history_is_pure_and_differentiable(solver):
     noise = BrownianNoise(x.shape, seed=1, dtype=F64) if solver.stochastic else None
     state = solver.init(model, x, grid)
     for i in range(4):
-        state = solver.step(model, state, grid, i, noise)
+        state = solver.step_at(model, state, grid, i, noise)
     assert len(state.history) == solver.order - 1
-    again = solver.step(model, state, grid, 4, noise)
-    once_more = solver.step(model, state, grid, 4, noise)
+    again = solver.step_at(model, state, grid, 4, noise)
+    once_more = solver.step_at(model, state, grid, 4, noise)
     assert torch.equal(again.x, once_more.x)
     for h in state.history:
         assert h.requires_grad
@@ -476,7 +476,7 @@ def test_too_much_history_raises():
     sch, d = VPLinear(), data()
     model, x, grid = ModelCall(d.denoiser(sch, "eps")), latent(), timesteps(sch, 10)
     with pytest.raises(ValueError, match="history"):
-        DPMSolverPP(order=3).step(model, State(x, (x, x)), grid, 1)
+        DPMSolverPP(order=3).step_at(model, State(x, (x, x)), grid, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,9 +573,9 @@ def test_sde_replay_and_bad_inputs():
         c = solve(den, x, grid, SDEDPMSolverPP(), noise=BrownianNoise(x.shape, seed=5, dtype=F64)).x
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-3
     with pytest.raises(ValueError, match="noise"):
-        SDEDPMSolverPP().step(ModelCall(den), State(x), grid, 0, None)
+        SDEDPMSolverPP().step_at(ModelCall(den), State(x), grid, 0, None)
     with pytest.raises(ValueError, match="decreasing"):
-        SDEDPMSolverPP().step(ModelCall(den), State(x), grid.flip(0), 0, BrownianNoise(x.shape, dtype=F64))
+        SDEDPMSolverPP().step_at(ModelCall(den), State(x), grid.flip(0), 0, BrownianNoise(x.shape, dtype=F64))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -48,12 +48,9 @@ def _c(sigma, lam, nu: float):
     return sigma if nu == 1.0 else sigma * torch.exp(-(nu - 1) * lam)
 
 
-def _lin(coef, ts):
-    return tuple(coef.to(dtype=v.dtype, device=v.device) * v for v in ts)
-
-
-def step_form(form: str, schedule, grid, i: int) -> str:
-    """The form actually used for the step from ``grid[i+1]`` back to ``grid[i]``.
+def step_forms(form: str, alpha, lam) -> list[str]:
+    """The form actually used for the step from ``grid[i+1]`` back to ``grid[i]``, for every ``i`` (``alpha``,
+    ``lam``: float64 values at the grid nodes).
 
     ``"auto"``: the data form where the noisy end has ``lambda_s < 0`` (``alpha < sigma``: there ``x0_hat`` is
     nearly constant in lambda and the noise form's factor ``alpha_t/alpha_s`` explodes), the noise form
@@ -62,78 +59,96 @@ def step_form(form: str, schedule, grid, i: int) -> str:
     ``alpha = 0`` (``t = 1`` of LinearFlow/VPCosine), where ``alpha_t/alpha_s`` is infinite, is taken in the
     data form (finite there)."""
     if form == "auto":
-        return "x0" if float(schedule.log_snr(grid[i])) < 0.0 else "eps"
-    if form == "eps" and float(schedule.alpha(grid[i])) == 0.0:
-        return "x0"
-    return form
+        return ["x0" if v else "eps" for v in (lam[:-1] < 0).tolist()]
+    if form == "eps":
+        return ["x0" if v else "eps" for v in (alpha[:-1] == 0).tolist()]
+    return ["x0"] * (len(lam) - 1)
 
 
-def _frozen(form: str, kind: str, sch, tau, a, vx, vin, nu: float):
-    """The quantity AdjointDEIS freezes, in ``form``, from a VJP ``(vx, vin)`` of ``kind`` at time ``tau``
+def _table(model: AdjointModel, form: str, nu: float) -> dict:
+    """Every coefficient of AdjointDEIS on ``model``'s grid, in float64 (computed once per backward pass)."""
+    key = ("adjoint_deis", form, nu)
+    if key in model.cache:
+        return model.cache[key]
+    n = model.nodes
+    alpha, sigma, lam = n.alpha, n.sigma, n.lam
+    c = _c(sigma, lam, nu)
+    a_s, a_t, s_s, s_t, l_s, l_t = alpha[:-1], alpha[1:], sigma[:-1], sigma[1:], lam[:-1], lam[1:]
+    c_s, c_t = c[:-1], c[1:]
+    h = l_s - l_t
+    kinds = step_forms(form, alpha, lam)
+    is_x0 = torch.tensor([k == "x0" for k in kinds], dtype=torch.bool)
+    # noise form: a_s = (alpha_t/alpha_s) a_t + nu sigma_s/alpha_s^2 (e^h - 1) D, in_s = in_t + nu sigma_s/alpha_s (e^h - 1) D_in
+    cin_eps = nu * s_s / a_s * torch.expm1(h)
+    # data form: a_s = (c_t/c_s) a_t + k/c_s D, in_s = in_t + k D_in, k = -e^{nu lambda_t} expm1(nu h)
+    cin_x0 = -torch.exp(nu * l_t) * torch.expm1(nu * h)
+    lin = torch.where(is_x0, c_t / c_s, a_t / a_s)
+    cin = torch.where(is_x0, cin_x0, cin_eps)
+    cx = torch.where(is_x0, cin_x0 / c_s, cin_eps / a_s)
+    # 2M: D = (1 + 1/(2 rho)) V_t - V_r/(2 rho), rho = (lambda_t - lambda_r)/h with r = grid[i+2]
+    rho = torch.full_like(h, float("nan"))
+    rho[:-1] = (l_t[:-1] - lam[2:]) / h[:-1]
+    table = dict(
+        kind=kinds, lin=lin.tolist(), cin=cin.tolist(), cx=cx.tolist(), finite_h=torch.isfinite(h).tolist(),
+        w0=(1.0 + 0.5 / rho).tolist(), w1=(0.5 / rho).tolist(),
+        # per node: the frozen quantities' factors (noise form: alpha^2 and alpha; data form: c^2 and c) and
+        # the kind conversions eps = (x - alpha x0)/sigma, x0 = (x - sigma eps)/alpha
+        alpha=n.alpha.tolist(), sigma=n.sigma.tolist(), alpha2=(alpha**2).tolist(), c=c.tolist(), c2=(c**2).tolist(),
+        alpha_over_sigma=(alpha / sigma).tolist(), sigma_over_alpha=(sigma / alpha).tolist(),
+    )
+    model.cache[key] = table
+    return table
+
+
+def _frozen(tb: dict, form: str, kind: str, j: int, a, vx, vin):
+    """The quantity AdjointDEIS freezes, in ``form``, from a VJP ``(vx, vin)`` of ``kind`` at grid node ``j``
     with cotangent ``a``: noise form ``(alpha^2 J_eps^T a, alpha a^T d eps/d in)``, data form
     ``(c^2 J_x0^T a, c a^T d x0/d in)``. Converts between kinds with ``eps = (x - alpha x0)/sigma``."""
-    alpha, sigma, lam = sch.alpha(tau), sch.sigma(tau), sch.log_snr(tau)
-    dt = a.dtype
     if form == "eps":
         if kind == "x0":  # J_eps = (I - alpha J_x0)/sigma
-            vx = (a - alpha.to(dt) * vx) / sigma.to(dt)
-            vin = _lin(-alpha / sigma, vin)
-        return (alpha**2).to(dt) * vx, _lin(alpha, vin)
+            vx = (a - tb["alpha"][j] * vx) / tb["sigma"][j]
+            vin = tuple(-tb["alpha_over_sigma"][j] * v for v in vin)
+        return tb["alpha2"][j] * vx, tuple(tb["alpha"][j] * v for v in vin)
     if kind == "eps":  # J_x0 = (I - sigma J_eps)/alpha
-        vx = (a - sigma.to(dt) * vx) / alpha.to(dt)
-        vin = _lin(-sigma / alpha, vin)
-    c = _c(sigma, lam, nu)
-    return (c**2).to(dt) * vx, _lin(c, vin)
+        vx = (a - tb["sigma"][j] * vx) / tb["alpha"][j]
+        vin = tuple(-tb["sigma_over_alpha"][j] * v for v in vin)
+    return tb["c2"][j] * vx, tuple(tb["c"][j] * v for v in vin)
 
 
 def adjoint_deis_step(model: AdjointModel, adj: AdjointState, grid, i: int, *, form: str = "auto",
                       order: int = 1, sde: bool = False) -> AdjointState:
     """AdjointDEIS-1 (``order=1``) or AdjointDEIS-2M (``order=2``) from ``grid[i+1]`` back to ``grid[i]``
     in the data (``form="x0"``) or noise (``form="eps"``) parameterisation, or switching between them at
-    ``lambda = 0`` (``form="auto"``, see :func:`step_form`); ``sde=True`` for the diffusion SDE.
+    ``lambda = 0`` (``form="auto"``, see :func:`step_forms`); ``sde=True`` for the diffusion SDE.
 
-    The 2M history is ``(a_r, raw VJP at r)`` in the kind of the previous step (see :func:`step_form`),
+    Coefficients come from a per-grid float64 table (:func:`_table`), so a step does no schedule work and
+    no host synchronisation. The 2M history is ``(a_r, raw VJP at r)`` in the kind of the previous step,
     converted when the kinds differ.
     """
     if form not in ADJOINT_FORMS:
         raise ValueError(f"unknown AdjointDEIS form {form!r}; choose one of {ADJOINT_FORMS}")
     if order not in (1, 2):
         raise ValueError(f"AdjointDEIS has orders 1 and 2 (2M), got {order!r}")
-    sch = model.schedule
-    s, t = grid[i], grid[i + 1]
     a = adj.a
-    if float(sch.sigma(t)) == 0.0:
-        alpha_t = sch.alpha(t)
-        vx, vin = model.vjp(model.x(i), s, a, "x0")
-        return AdjointState(alpha_t.to(a.dtype) * vx, tuple(p + q for p, q in zip(adj.inputs, _lin(alpha_t, vin))))
+    if model.sigma[i + 1] == 0.0:
+        alpha_t = model.alpha[i + 1]
+        vx, vin = model.vjp(model.x(i), i, a, "x0")
+        return AdjointState(alpha_t * vx, tuple(p + alpha_t * q for p, q in zip(adj.inputs, vin)))
 
-    nu = 2.0 if sde else 1.0
-    kind = step_form(form, sch, grid, i)
-    lam_t, lam_s = sch.log_snr(t), sch.log_snr(s)
-    h = lam_s - lam_t
-    alpha_t, sigma_t, alpha_s, sigma_s = sch.alpha(t), sch.sigma(t), sch.alpha(s), sch.sigma(s)
-    vx, vin = model.vjp(model.x(i + 1), t, a, kind)
-    Vx, Vin = _frozen(kind, kind, sch, t, a, vx, vin, nu)
-    if kind == "eps":
-        lin = alpha_t / alpha_s
-        cin = nu * sigma_s / alpha_s * torch.expm1(h)
-        cx = cin / alpha_s
-    else:
-        c_t, c_s = _c(sigma_t, lam_t, nu), _c(sigma_s, lam_s, nu)
-        cin = -torch.exp(nu * lam_t) * torch.expm1(nu * h)
-        lin, cx = c_t / c_s, cin / c_s
-    Dx, Din = Vx, Vin
-    if order == 2 and adj.history and bool(torch.isfinite(h)):  # a step from a singular end is first order
-        r = grid[i + 2]
+    tb = _table(model, form, 2.0 if sde else 1.0)
+    kind = tb["kind"][i]
+    vx, vin = model.vjp(model.x(i + 1), i + 1, a, kind)
+    dx, din = _frozen(tb, kind, kind, i + 1, a, vx, vin)
+    if order == 2 and adj.history and tb["finite_h"][i]:  # a step from a singular end is first order
         n_in = len(vin)
         a_r, vx_r, vin_r = adj.history[0], adj.history[1], adj.history[2:2 + n_in]
-        Vx_r, Vin_r = _frozen(kind, step_form(form, sch, grid, i + 1), sch, r, a_r, vx_r, vin_r, nu)
-        rho = (lam_t - sch.log_snr(r)) / h
-        w0, w1 = 1.0 + 0.5 / rho, 0.5 / rho
-        Dx = w0.to(a.dtype) * Vx - w1.to(a.dtype) * Vx_r
-        Din = tuple(p - q for p, q in zip(_lin(w0, Vin), _lin(w1, Vin_r)))
-    a_s = lin.to(a.dtype) * a + cx.to(a.dtype) * Dx
-    inputs = tuple(p + q for p, q in zip(adj.inputs, _lin(cin, Din)))
+        vx_r, vin_r = _frozen(tb, kind, tb["kind"][i + 1], i + 2, a_r, vx_r, vin_r)
+        w0, w1 = tb["w0"][i], tb["w1"][i]
+        dx = w0 * dx - w1 * vx_r
+        din = tuple(w0 * p - w1 * q for p, q in zip(din, vin_r))
+    a_s = tb["lin"][i] * a + tb["cx"][i] * dx
+    cin = tb["cin"][i]
+    inputs = tuple(p + cin * q for p, q in zip(adj.inputs, din))
     return AdjointState(a_s, inputs, (a, vx, *vin) if order == 2 else ())
 
 

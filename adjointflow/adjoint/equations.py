@@ -23,7 +23,6 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteError
 
 __all__ = [
     "AdjointState", "AdjointModel", "drift_vjp", "integrate_adjoint", "cond_leaves", "with_cond_leaves",
@@ -103,18 +102,25 @@ def check_params(params) -> list[Tensor]:
 
 # --- the adjoint model ----------------------------------------------------------------------------
 class AdjointModel:
-    """What an ``adjoint_step`` sees: recorded forward states and the network's VJP.
+    """What an ``adjoint_step`` sees: recorded forward states, the grid's float64 schedule values and the
+    network's VJP.
 
     ``x(i)`` is the recorded state at ``grid[i]`` (forward pass, same Brownian path for an SDE).
     ``vjp(x, t, cotangent, output)`` evaluates the denoiser once with a graph at ``(x, t)`` and returns
     ``(cotangent^T d out/dx, tuple(cotangent^T d out/d input))`` for ``out`` one of ``"eps"``, ``"x0"``,
-    ``"velocity"``; the inputs are the differentiable ``cond`` tensors, then ``params``. An input the
-    network does not use gets zeros. ``sde`` says the forward was the reverse SDE (drift ``2u - f x``);
-    ``form``/``order`` configure AdjointDEIS for exponential integrators (``order=None``: from the solver).
+    ``"velocity"``; ``t`` is a grid index (precomputed network time and conversion) or a time tensor.
+    The inputs are the differentiable ``cond`` tensors, then ``params``; an input the network does not
+    use gets zeros. After :meth:`prepare` (done by :func:`integrate_adjoint`) ``times``, ``alpha``,
+    ``sigma``, ``lam`` and ``f`` are Python-float lists over the grid nodes (no host sync in a step) and
+    ``cache`` holds per-grid tables of the adjoint schemes. ``sde`` says the forward was the reverse SDE
+    (drift ``2u - f x``); ``form``/``order`` configure AdjointDEIS for exponential integrators
+    (``order=None``: from the solver).
     """
 
     def __init__(self, denoiser, xs: Sequence[Tensor], cond=None, params: Sequence[Tensor] = (),
-                 sde: bool = False, form: str = "auto", order: int | None = None):
+                 sde: bool = False, form: str = "auto", order: int | None = None, check_finite=True):
+        from ..finite import FiniteRecord
+
         if form not in ADJOINT_FORMS:
             raise ValueError(f"unknown adjoint form {form!r}; choose one of {ADJOINT_FORMS}")
         self.denoiser = denoiser
@@ -129,6 +135,25 @@ class AdjointModel:
         self.sde, self.form, self.order = bool(sde), form, order
         self.nfe = 0
         self.nvjp = 0
+        self.record = FiniteRecord(check_finite)
+        self.cache: dict = {}
+        self.grid = None
+
+    def prepare(self, grid: Tensor, bound=None) -> None:
+        """Evaluate the schedule on ``grid`` once (float64) and bind the network times and conversions of
+        its nodes (``bound``: an existing :class:`~adjointflow.plan.BoundPlan` of the same grid)."""
+        from ..plan import Plan
+
+        if self.grid is not None and torch.equal(self.grid, grid):
+            return
+        plan = bound.plan if bound is not None else Plan(self.schedule, grid)
+        nodes = plan.nodes[: plan.n + 1]
+        self.grid, self.nodes = grid, nodes
+        self.times = plan.times
+        self.alpha, self.sigma, self.lam = nodes.alpha.tolist(), nodes.sigma.tolist(), nodes.lam.tolist()
+        self.f = self.schedule.f(grid).tolist() if self.sde else None
+        self.evals = bound.evals[: plan.n + 1] if bound is not None else plan.bind(self.denoiser, self.xs[0]).evals
+        self.cache = {}
 
     def x(self, i: int) -> Tensor:
         return self.xs[i]
@@ -137,14 +162,14 @@ class AdjointModel:
         return AdjointState(grad_end, tuple(torch.zeros_like(p) for p in self.inputs))
 
     def vjp(self, x: Tensor, t, cotangent: Tensor, output: str = "velocity"):
+        at = self.evals[t] if isinstance(t, int) else t
         with torch.enable_grad():
             xl = x.detach().requires_grad_(True)
             cl = [c.detach().requires_grad_(True) for c in self.cond_tensors]
             cond = with_cond_leaves(self.cond, self.cond_keys, cl)
             self.nfe += 1
-            out = self.denoiser(xl, t, cond).as_(output)
-            if not bool(torch.isfinite(out).all()):
-                raise NonFiniteError(f"the model returned NaN/Inf in the adjoint pass (t={float(t):.6g})", t=float(t))
+            out = self.denoiser(xl, at, cond).as_(output)
+            self.record.model(out, at)
             wrt = [xl, *cl, *self.params]
             if out.requires_grad:
                 self.nvjp += 1
@@ -155,23 +180,27 @@ class AdjointModel:
         return grads[0], tuple(grads[1:])
 
 
-def drift_vjp(model: AdjointModel, x: Tensor, t, a: Tensor):
-    """``(a^T dF/dx, a^T dF/d inputs)`` for the drift ``F`` the forward solver integrated: the PF-ODE
-    velocity ``u``, or for a reverse SDE ``F = 2u - f x`` (``g^2/sigma eps`` doubles the ODE's term)."""
-    vx, vin = model.vjp(x, t, a, "velocity")
+def drift_vjp(model: AdjointModel, x: Tensor, j: int, a: Tensor):
+    """``(a^T dF/dx, a^T dF/d inputs)`` at grid node ``j`` for the drift ``F`` the forward solver integrated:
+    the PF-ODE velocity ``u``, or for a reverse SDE ``F = 2u - f x`` (``g^2/sigma eps`` doubles the ODE's term)."""
+    vx, vin = model.vjp(x, j, a, "velocity")
     if not model.sde:
         return vx, vin
-    f = model.schedule.f(t).to(dtype=a.dtype, device=a.device)
-    return 2 * vx - f * a, tuple(2 * v for v in vin)
+    return 2 * vx - model.f[j] * a, tuple(2 * v for v in vin)
 
 
-def integrate_adjoint(solver, model: AdjointModel, grid: Tensor, grad_end: Tensor) -> AdjointState:
-    """Walk ``solver.adjoint_step`` from ``grid[-1]`` back to ``grid[0]`` starting at ``a = grad_end``."""
+def integrate_adjoint(solver, model: AdjointModel, grid: Tensor, grad_end: Tensor, bound=None) -> AdjointState:
+    """Walk ``solver.adjoint_step`` from ``grid[-1]`` back to ``grid[0]`` starting at ``a = grad_end``.
+
+    NaN/Inf in the network outputs and in the adjoint (``a`` and every input gradient) are recorded on
+    the device each step and checked once at the end (:class:`~adjointflow.finite.FiniteRecord`), which
+    raises :class:`~adjointflow.errors.NonFiniteError` naming the first bad step and its time.
+    """
+    model.prepare(grid, bound)
     adj = model.zero_state(grad_end)
+    rec = model.record
     for i in reversed(range(len(grid) - 1)):
         adj = solver.adjoint_step(model, adj, grid, i)
-        if not (bool(torch.isfinite(adj.a).all()) and all(bool(torch.isfinite(v).all()) for v in adj.inputs)):
-            raise NonFiniteError(
-                f"the adjoint became NaN/Inf at step {i} (t={float(grid[i]):.6g}); with few steps try "
-                "form='x0' (AdjointDEIS data form) or gradient=Checkpoint()", step=i, t=float(grid[i]))
+        rec.end_step(i, model.times[i], adj.a, *adj.inputs)
+    rec.check(adjoint=True)
     return adj

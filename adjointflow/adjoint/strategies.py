@@ -39,30 +39,34 @@ class Backprop(GradientStrategy):
         state = problem.solver.init(model, problem.x, problem.grid)
         traj = [problem.x] if problem.save_trajectory else None
         state = integrate(problem, model, state, trajectory=traj)
+        model.record.check()
         return Solution(state.x, torch.stack(traj) if traj is not None else None, model.nfe, problem.grid)
 
 
 # --- Checkpoint ---------------------------------------------------------------------------------
-class _CheckpointedSteps:
-    """Stands in for the solver inside the driver loop: every ``step`` runs under torch's
-    non-reentrant activation checkpointing, so only its input :class:`State` is kept."""
+def _checkpointed(solver, preserve_rng_state: bool):
+    """``step`` with torch's non-reentrant activation checkpointing: only the step's input state is kept.
 
-    def __init__(self, solver, preserve_rng_state: bool):
-        self.solver, self.preserve_rng_state = solver, preserve_rng_state
+    The recomputation in the backward pass calls the model again; it records into a throwaway record (the
+    forward pass already recorded and checked those evaluations)."""
+    from torch.utils.checkpoint import checkpoint
 
-    def step(self, model, state, grid, i, noise=None):
-        from torch.utils.checkpoint import checkpoint
+    from ..solvers.base import State
 
-        from ..solvers.base import State
-
+    def step(model, state, c, noise=None):
         if not torch.is_grad_enabled():
-            return self.solver.step(model, state, grid, i, noise)
+            return solver.step(model, state, c, noise)
+        calls = [model]
 
         def one_step(*tensors):
-            return self.solver.step(model, State.from_tensors(tensors), grid, i, noise).tensors()
+            m = calls[0] if len(calls) == 1 else model.replay()
+            calls.append(m)
+            return solver.step(m, State.from_tensors(tensors), c, noise).tensors()
 
-        out = checkpoint(one_step, *state.tensors(), use_reentrant=False, preserve_rng_state=self.preserve_rng_state)
+        out = checkpoint(one_step, *state.tensors(), use_reentrant=False, preserve_rng_state=preserve_rng_state)
         return State.from_tensors(out)
+
+    return step
 
 
 @dataclass(frozen=True)
@@ -70,20 +74,32 @@ class Checkpoint(GradientStrategy):
     """Exact discrete adjoint with per-step recomputation (Griewank & Walther 2008, ch. 12).
 
     Forward: the states ``(x, history)`` at the grid points are kept (``N |state|``); each step's
-    activations are dropped. Backward: walking the steps from last to first, step ``i`` is re-run
-    from its stored state with a graph and its VJP taken, so one step's graph (``nfe_per_step``
-    network graphs) is alive at a time. Stochastic solvers re-query the same noise object
-    (``BrownianNoise`` returns the same increments), so the replayed step is the step that was run.
+    activations are dropped, except those of the last ``keep`` steps, whose full graphs are kept.
+    Backward: walking the steps from last to first, a dropped step ``i`` is re-run from its stored
+    state with a graph and its VJP taken, so one step's graph (``nfe_per_step`` network graphs) is alive
+    at a time besides the kept ones. Stochastic solvers re-use the forward pass's Brownian increment, so
+    the replayed step is the step that was run.
+
+    ``keep`` is the memory/time dial: ``keep=k`` costs ``k`` step graphs of memory and saves ``k``
+    recomputations; ``keep=N`` is :class:`Backprop`. The default ``keep=1`` is free in peak memory (the
+    backward pass holds one step's graph anyway) and skips the last step's recomputation.
 
     It is built on ``torch.utils.checkpoint`` (non-reentrant), i.e. it *is* autograd with the saved
     activations recomputed: the gradient equals :class:`Backprop`'s to rounding (bit-identical on
     CPU) and reaches every tensor that affects the output -- the latent, ``cond``, the network's
     parameters and tensors captured by closure -- through both ``.backward()`` and
-    ``torch.autograd.grad``. Cost: one extra forward pass per gradient. ``preserve_rng_state``
-    replays a network's own randomness (e.g. dropout) in the recomputation.
+    ``torch.autograd.grad``. Cost: one extra forward pass of the dropped steps per gradient.
+    ``preserve_rng_state`` replays a network's own randomness (e.g. dropout) in the recomputation.
     """
 
+    keep: int = 1
     preserve_rng_state: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 0:
+            raise ValueError(f"keep must be an int >= 0 (the number of final steps whose graphs are kept), got {self.keep!r}")
+        if not isinstance(self.preserve_rng_state, bool):
+            raise ValueError(f"preserve_rng_state must be a bool, got {self.preserve_rng_state!r}")
 
     def run(self, problem):
         from ..driver import Solution, integrate
@@ -91,8 +107,12 @@ class Checkpoint(GradientStrategy):
         model = problem.model()
         state = problem.solver.init(model, problem.x, problem.grid)
         traj = [problem.x] if problem.save_trajectory else None
-        stepper = replace(problem, solver=_CheckpointedSteps(problem.solver, self.preserve_rng_state))
-        state = integrate(stepper, model, state, trajectory=traj)
+        n = len(problem.bound.rows)
+        split = max(n - self.keep, 0)
+        state = integrate(problem, model, state, 0, split, trajectory=traj,
+                          step=_checkpointed(problem.solver, self.preserve_rng_state))
+        state = integrate(problem, model, state, split, n, trajectory=traj)
+        model.record.check()
         return Solution(state.x, torch.stack(traj) if traj is not None else None, model.nfe, problem.grid)
 
 
@@ -125,29 +145,34 @@ def record_states(problem) -> tuple[list[Tensor], int]:
         state = problem.solver.init(model, problem.x.detach(), problem.grid)
         xs = [state.x]
         integrate(problem, model, state, trajectory=xs)
+    model.record.check()
     return xs, model.nfe
 
 
 class _AdjointFunction(torch.autograd.Function):
-    """``x_end = solve(x, cond, params)`` whose backward integrates the continuous adjoint."""
+    """``x_end = solve(x, cond, params)`` whose backward integrates the continuous adjoint.
+
+    The recorded states are saved with ``save_for_backward``, so autograd frees them after the backward
+    pass and a second backward raises autograd's own error (unless the first used ``retain_graph=True``)."""
 
     @staticmethod
-    def forward(ctx, job, x, *inputs):
+    def forward(ctx, job, xs, x, *inputs):
         ctx.job = job
-        return job["xs"][-1].clone()
+        ctx.save_for_backward(*xs)
+        return xs[-1].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_end):
         from .equations import AdjointModel, integrate_adjoint
 
+        xs = list(ctx.saved_tensors)
         job = ctx.job
-        model = AdjointModel(job["denoiser"], job["xs"], job["cond"], job["params"], sde=job["solver"].stochastic,
-                             form=job["form"], order=job["order"])
-        adj = integrate_adjoint(job["solver"], model, job["grid"], grad_end.contiguous())
+        model = AdjointModel(job["denoiser"], xs, job["cond"], job["params"], sde=job["solver"].stochastic,
+                             form=job["form"], order=job["order"], check_finite=job["check_finite"])
+        adj = integrate_adjoint(job["solver"], model, job["grid"], grad_end.contiguous(), bound=job["bound"])
         job["stats"].update(backward_nfe=model.nfe, backward_vjp=model.nvjp)
-        ctx.job = None  # release the recorded states
-        return (None, adj.a, *adj.inputs)
+        return (None, None, adj.a, *adj.inputs)
 
 
 @dataclass(frozen=True)
@@ -203,9 +228,10 @@ class ContinuousAdjoint(GradientStrategy):
         stats: dict = {}
         x, inputs = problem.x, (*cond_t, *params)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *inputs)):
-            job = dict(xs=xs, denoiser=problem.denoiser, cond=problem.cond, params=params, solver=problem.solver,
-                       grid=problem.grid, form=self.form, order=self.order, stats=stats)
-            out = _AdjointFunction.apply(job, x, *inputs)
+            job = dict(denoiser=problem.denoiser, cond=problem.cond, params=params, solver=problem.solver,
+                       grid=problem.grid, bound=problem.bound, form=self.form, order=self.order, stats=stats,
+                       check_finite=problem.check_finite)
+            out = _AdjointFunction.apply(job, xs, x, *inputs)
         else:
             out = xs[-1]
         return Solution(out, traj, nfe, problem.grid, stats)

@@ -46,13 +46,13 @@ class _ReuseFirstCall:
     """The solver's model with its call at ``(x_i, t_i)`` answered from the prediction already made
     for the guidance gradient (detached), so DPS costs the solver's NFE, not one more per step."""
 
-    def __init__(self, model: ModelCall, x: Tensor, t: Tensor, pred: Prediction):
-        self.model, self.schedule = model, model.schedule
+    def __init__(self, model: ModelCall, x: Tensor, t, pred: Prediction):
+        self.model, self.schedule, self.denoiser = model, model.schedule, model.denoiser
         self._x, self._t = x, t
-        self._pred = Prediction(x, pred.t, pred.raw.detach(), pred.kind, pred.coeffs)
+        self._pred = Prediction(x, pred.t, pred.raw.detach(), pred.kind, pred.source)
 
     def __call__(self, x, t):
-        if x is self._x and bool(torch.as_tensor(t, dtype=torch.float64) == self._t):
+        if x is self._x and t is self._t:
             return self._pred
         return self.model(x, t)
 
@@ -124,6 +124,7 @@ class DPS:
         grid = sampling_grid(denoiser, self.steps, self.grid)
         model = ModelCall(CountedDenoiser(denoiser, counter), cond)
         solver, noise = self.solver, resolve_noise(self.solver, self.noise, x_init, grid)
+        bound = solver.plan(denoiser.schedule, grid).bind(denoiser, x_init)
         weights = [self._weight(denoiser.schedule, grid[i], grid[i + 1]) for i in range(len(grid) - 1)]
 
         losses = []
@@ -132,17 +133,17 @@ class DPS:
             with torch.no_grad():
                 state = solver.init(model, x_init.detach(), grid)
             for i in range(len(grid) - 1):
-                t = grid[i]
-                model.step = i
+                t, at = grid[i], bound.evals[i]
                 x = state.x.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    pred = model(x, t)
+                    pred = model(x, at)
                     x0 = pred.x0
                     loss = evaluate_objective(objective, x0, t, where=f"at step {i} (t={float(t):.6g})")
                     (g,) = torch.autograd.grad(self._guide_norm(objective, x0, loss).sum(), x)
                 xd = x.detach()
                 with torch.no_grad():
-                    new = solver.step(_ReuseFirstCall(model, xd, t, pred), State(xd, state.history), grid, i, noise)
+                    dw = noise(grid[i], grid[i + 1]).to(xd) if noise is not None else None
+                    new = solver.step(_ReuseFirstCall(model, xd, at, pred), State(xd, state.history), bound.rows[i], dw)
                     x_next = new.x - weights[i] * g
                 if not bool(torch.isfinite(x_next).all()):
                     raise NonFiniteError(f"the DPS update produced NaN/Inf at step {i} (t={float(t):.6g}); "

@@ -145,14 +145,20 @@ class BespokeSolver(nn.Module, Solver):
         self._check_grid(grid)
         return State(x)
 
-    def step(self, model, state: State, grid: Tensor, i: int, noise=None) -> State:
-        """One RK1/RK2 step of the scale-time transformed ODE from node ``i`` to ``i + 1`` (see :meth:`advance`)."""
+    def rows(self, plan) -> list:
+        """Per-step rows ``(i, coefficients)``: the transform's coefficients on the grid, computed once per solve."""
         # Forward values are the grid's own times (equal to the learned ones, checked), gradients
         # reach the learned times: t = grid + (t_learned - sg(t_learned)).
+        grid = plan.grid
         learned = self._times(grid[0], grid[-1])
         self._check_grid(grid, learned)
         c = self.coefficients(grid[0], grid[-1], times=grid.to(learned) + (learned - learned.detach()))
-        return State(self.advance(model, state.x, i, c))
+        return [(i, c) for i in range(self.n_steps)]
+
+    def step(self, model, state: State, c, noise=None) -> State:
+        """One RK1/RK2 step of the scale-time transformed ODE from node ``i`` to ``i + 1`` (see :meth:`advance`)."""
+        i, coefficients = c
+        return State(self.advance(model, state.x, i, coefficients))
 
     # --- the transform -----------------------------------------------------------------------
     def _phi(self) -> Tensor:

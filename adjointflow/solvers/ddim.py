@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from ..plan import At
 from .base import State
-from .exponential import ExponentialIntegrator, Interval, check_choice, first_order_update
+from .exponential import ExponentialIntegrator, FirstOrder, Steps, check_choice, first_order, first_order_coefficients
 
 __all__ = ["DDIM"]
+
+
+class DDIMRow(NamedTuple):
+    s: At  # model evaluation at t_s
+    first: FirstOrder  # x_t = a x_s + b x0_hat (data form) / b eps_hat (noise form), or the limit at a singular end
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,9 @@ class DDIM(ExponentialIntegrator):
     def __post_init__(self):
         check_choice("DDIM", "prediction", self.prediction, ("eps", "x0"))
 
-    def step(self, model, state, grid, i, noise=None):
-        iv = Interval.of(model.schedule, grid[i], grid[i + 1])
-        pred = model(state.x, grid[i])
-        return State(first_order_update(state.x, pred, iv, self.prediction))
+    def rows(self, plan):
+        firsts = first_order_coefficients(Steps(plan.start, plan.end), self.prediction)
+        return [DDIMRow(plan.at(i), fo) for i, fo in enumerate(firsts)]
+
+    def step(self, model, state, c, noise=None):
+        return State(first_order(state.x, model(state.x, c.s), c.first))

@@ -1,24 +1,28 @@
 """DEIS (Zhang & Chen 2022, arXiv:2204.13902): exponential Adams--Bashforth on the noise prediction."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from ..plan import At
 from .base import State
 from .exponential import (
     WARMUPS,
     ExponentialIntegrator,
-    Interval,
+    FirstOrder,
+    Stage2,
+    Steps,
     check_choice,
     check_flag,
     check_order,
-    first_order_update,
-    lam_at,
-    needed,
-    singlestep2_update,
+    first_order,
+    first_order_coefficients,
+    multistep_orders,
+    singlestep2,
+    singlestep2_stages,
 )
 
 __all__ = ["DEIS", "deis_weights"]
@@ -31,16 +35,34 @@ _GL_X, _GL_V = np.polynomial.legendre.leggauss(16)
 _GL_U, _GL_W = 0.5 * (_GL_X + 1.0), 0.5 * _GL_V
 
 
-def _lagrange(nodes, v):
-    """Lagrange basis polynomials through ``nodes`` evaluated at the points ``v`` -> (len(nodes), len(v))."""
+def _lagrange(nodes: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Lagrange basis polynomials through ``nodes`` (S, k) evaluated at ``v`` (S, Q) -> (S, k, Q)."""
+    k = nodes.shape[1]
     out = []
-    for j, vj in enumerate(nodes):
+    for j in range(k):
         b = np.ones_like(v)
-        for m, vm in enumerate(nodes):
+        for m in range(k):
             if m != j:
-                b = b * (v - vm) / (vj - vm)
+                b = b * (v - nodes[:, m : m + 1]) / (nodes[:, j : j + 1] - nodes[:, m : m + 1])
         out.append(b)
-    return np.stack(out)
+    return np.stack(out, 1)
+
+
+def _weights(schedule, t: np.ndarray, lam: np.ndarray, steps: np.ndarray, k: int, variant: str) -> np.ndarray:
+    """Normalised AB-DEIS weights (S, k) for the steps ``steps`` (indices into the grid ``t``, ``lam``)."""
+    lam_s, lam_t = lam[steps], lam[steps + 1]
+    h = (lam_t - lam_s)[:, None]
+    back = np.arange(1, k)
+    if variant == "rhoAB":
+        nodes = np.concatenate([np.zeros((len(steps), 1)),
+                                np.expm1(lam_s[:, None] - lam[steps[:, None] - back]) / np.expm1(-h)], 1)
+        return np.einsum("skq,q->sk", _lagrange(nodes, np.broadcast_to(_GL_U, (len(steps), _GL_U.size))), _GL_W)
+    ts, tt = t[steps][:, None], t[steps + 1][:, None]
+    nodes = np.concatenate([np.zeros((len(steps), 1)), (t[steps[:, None] - back] - ts) / (tt - ts)], 1)
+    lam_q = torch.as_tensor(lam_s[:, None] + h * _GL_U, dtype=torch.float64)
+    t_q = (schedule.t_from_log_snr(lam_q).numpy() - ts) / (tt - ts)
+    kernel = _GL_W * np.exp(-h * _GL_U)
+    return np.einsum("skq,sq->sk", _lagrange(nodes, t_q), kernel) / kernel.sum(1, keepdims=True)
 
 
 def deis_weights(schedule, grid, i: int, k: int, variant: str) -> list[float]:
@@ -56,36 +78,37 @@ def deis_weights(schedule, grid, i: int, k: int, variant: str) -> list[float]:
       ``v = (rho - rho_s)/(rho_t - rho_s)``, nodes ``v_m = expm1(lambda_s - lambda_m)/expm1(-h)``.
 
     Both use normalised variables, so no difference of large antiderivatives is formed (the float32
-    closed form of diffusers' DEIS-3 loses its order on fine grids for exactly that reason).
+    closed form of diffusers' DEIS-3 loses its order on fine grids for exactly that reason). Solves
+    compute the weights of all steps at once (:meth:`DEIS.rows`).
     """
-    lam_s, lam_t = lam_at(schedule, grid[i]), lam_at(schedule, grid[i + 1])
-    h = lam_t - lam_s
-    if variant == "rhoAB":
-        nodes = [0.0] + [math.expm1(lam_s - lam_at(schedule, grid[i - j])) / math.expm1(-h) for j in range(1, k)]
-        return [float(v) for v in _lagrange(nodes, _GL_U) @ _GL_W]
-    ts, tt = float(grid[i]), float(grid[i + 1])
-    nodes = [0.0] + [(float(grid[i - j]) - ts) / (tt - ts) for j in range(1, k)]
-    lam_q = torch.as_tensor(lam_s + h * _GL_U, dtype=torch.float64)
-    t_q = (schedule.t_from_log_snr(lam_q).numpy() - ts) / (tt - ts)
-    kernel = _GL_W * np.exp(-h * _GL_U)
-    return [float(v) for v in (_lagrange(nodes, t_q) @ kernel) / kernel.sum()]
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    lam = schedule.log_snr(grid).numpy()
+    return _weights(schedule, grid.numpy(), lam, np.array([i]), k, variant)[0].tolist()
+
+
+class DEISRow(NamedTuple):
+    s: At  # model evaluation at t_s
+    k: int  # order of this step
+    first: FirstOrder  # x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_hat, or its limit at a singular end
+    c: tuple  # C_j = -sigma_t (e^h - 1) w_j, j < k (k >= 2)
+    starter: Stage2 | None  # DPM-Solver-2 replacing the first-order warm-up step (warmup="singlestep")
 
 
 @dataclass(frozen=True)
 class DEIS(ExponentialIntegrator):
     """AB-DEIS of ``order`` k in the noise form (Zhang & Chen 2022, Sec. 4, "tAB-DEIS"/"rhoAB-DEIS"):
 
-        x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) sum_{j<k} w_j eps_hat(x_{i-j}, t_{i-j})
+        x_t = (alpha_t/alpha_s) x_s + sum_{j<k} C_j eps_hat(x_{i-j}, t_{i-j}),   C_j = -sigma_t (e^h - 1) w_j
 
     ``h = lambda_t - lambda_s``; the weights ``w_j`` integrate the Lagrange interpolant of ``eps_hat``
     through the k newest grid points exactly against ``drho`` (``rho = sigma/alpha``), with the
     polynomial in ``t`` (``variant="tAB"``, the paper's recommended sampler) or in ``rho``
     (``"rhoAB"``); see :func:`deis_weights`. Coefficients are computed in float64 by Gauss--Legendre
-    quadrature (tAB) or exactly (rhoAB). Order 1 is DDIM. Warm-up, ``lower_order_final`` and the
-    singular ends follow :class:`~adjointflow.solvers.DPMSolverPP` (a step from ``alpha = 0`` takes the
-    exact first-order limit ``alpha_t x0_hat + sigma_t eps_hat``; a step to ``sigma = 0`` is first order);
-    with ``warmup="singlestep"`` DEIS-3's empty-history step is DPM-Solver-2 (noise form, midpoint,
-    one extra NFE) so that the warm-up keeps local order 3.
+    quadrature (tAB) or exactly (rhoAB), once per solve. Order 1 is DDIM. Warm-up, ``lower_order_final``
+    and the singular ends follow :class:`~adjointflow.solvers.DPMSolverPP` (a step from ``alpha = 0``
+    takes the exact first-order limit ``alpha_t x0_hat + sigma_t eps_hat``; a step to ``sigma = 0`` is
+    first order); with ``warmup="singlestep"`` DEIS-3's empty-history step is DPM-Solver-2 (noise form,
+    midpoint, one extra NFE) so that the warm-up keeps local order 3.
     Global order k (for ``eps_hat`` smooth in the interpolation variable along the solution);
     1 NFE per step; the history holds previous ``eps_hat``, newest first.
     """
@@ -103,20 +126,31 @@ class DEIS(ExponentialIntegrator):
         check_flag("DEIS", "lower_order_final", self.lower_order_final)
         check_choice("DEIS", "warmup", self.warmup, WARMUPS)
 
-    def step(self, model, state, grid, i, noise=None):
-        sch, x = model.schedule, state.x
-        iv = Interval.of(sch, grid[i], grid[i + 1])
-        pred = model(x, grid[i])
-        e0 = needed(pred, "eps", iv.t_s) if iv.sigma_s == 0.0 else pred.eps
-        k, starter = self._multistep_plan(state, grid, i, sch, iv)
-        if starter:
-            x_next = singlestep2_update(model, x, pred, iv, "eps", "midpoint")
-        elif k == 1:
-            x_next = first_order_update(x, pred, iv, "eps")
+    def rows(self, plan):
+        st = Steps(plan.start, plan.end)
+        orders = multistep_orders(self, plan)
+        firsts = first_order_coefficients(st, "eps")
+        noise = st.noise_coefficient().numpy()
+        t, lam = plan.grid.numpy(), plan.nodes.lam[: plan.n + 1].numpy()
+        c = {}
+        for k in (2, 3):
+            steps = np.array([i for i, (kk, s) in enumerate(orders) if kk == k and not s], dtype=np.int64)
+            if steps.size:
+                w = _weights(plan.schedule, t, lam, steps, k, self.variant) * noise[steps, None]
+                c.update(zip(steps.tolist(), map(tuple, w.tolist())))
+        starters = singlestep2_stages(plan, st, "eps", "midpoint", [i for i, (_, s) in enumerate(orders) if s])
+        return [DEISRow(plan.at(i), k, firsts[i], c.get(i, ()), starters.get(i)) for i, (k, _) in enumerate(orders)]
+
+    def step(self, model, state, c, noise=None):
+        x = state.x
+        pred = model(x, c.s)
+        e0 = pred.eps
+        if c.starter is not None:
+            x_next = singlestep2(model, x, pred, c.first, c.starter)
+        elif c.k == 1:
+            x_next = first_order(x, pred, c.first)
         else:
-            w = deis_weights(sch, grid, i, k, self.variant)
-            eps_mix = w[0] * e0
-            for wj, ej in zip(w[1:], state.history):
-                eps_mix = eps_mix + wj * ej
-            x_next = iv.alpha_ratio * x + iv.noise_coefficient() * eps_mix
+            x_next = c.first.a * x + c.c[0] * e0
+            for cj, ej in zip(c.c[1:], state.history):
+                x_next = x_next + cj * ej
         return State(x_next, (e0, *state.history)[: self.order - 1])

@@ -5,26 +5,64 @@ Multistep 2M/3M (one NFE per step, history of previous ``x0_hat`` in the state) 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import torch
+
+from ..plan import At
 from .base import State
 from .exponential import (
     SOLVER_TYPES,
     WARMUPS,
     ExponentialIntegrator,
-    Interval,
+    FirstOrder,
+    Stage2,
+    Steps,
     check_choice,
     check_flag,
     check_order,
-    first_order_update,
-    lam_at,
-    needed,
-    phi,
-    singlestep2_update,
-    stage,
+    first_order,
+    first_order_coefficients,
+    multistep_orders,
+    phis,
+    ratios,
+    singlestep2,
+    singlestep2_stages,
+    stages,
 )
 
 __all__ = ["DPMSolverPP"]
+
+_NAN = math.nan
+
+
+class MultistepRow(NamedTuple):
+    s: At  # model evaluation at t_s
+    k: int  # order of this step (warm-up, lower_order_final, singular ends)
+    first: FirstOrder  # (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) m_0 (or its limit at a singular end)
+    r0: float  # h_{i-1} / h
+    r1: float  # h_{i-2} / h
+    w1: float  # weight of D1: k = 2: 1/2 alpha_t (1 - e^{-h}) (midpoint) or alpha_t h phi_2(-h) (heun); k = 3: the latter
+    w2: float  # weight of D2 (3M): 2 alpha_t h phi_3(-h)
+    starter: Stage2 | None  # the 2S step replacing a first-order warm-up step (warmup="singlestep")
+
+
+class SinglestepRow(NamedTuple):
+    s: At
+    k: int
+    first: FirstOrder  # s -> t
+    stage2: Stage2 | None  # 2S
+    s1: At | None  # 3S: evaluation points at r_1 = 1/3, r_2 = 2/3 and the first-order steps to them
+    s2: At | None
+    first1: FirstOrder | None
+    first2: FirstOrder | None
+    r1: float
+    r2: float
+    c_u2: float  # weight of (m_1 - m_0) in u_2: (r_2/r_1) alpha_{s_2} h_2 phi_2(-h_2)
+    c1: float  # midpoint: alpha_t h phi_2(-h) / r_2; heun: alpha_t h phi_2(-h) (weight of D1)
+    c2: float  # heun: alpha_t h phi_3(-h) (weight of D2)
 
 
 @dataclass(frozen=True)
@@ -58,7 +96,7 @@ class DPMSolverPP(ExponentialIntegrator):
     fewer than 15 steps the last step is first order and the second-to-last at most second. A step
     to ``sigma = 0`` (denoise to ``t = 0``) is always first order, ``x_t = alpha_t x0_hat``, as in
     diffusers with ``final_sigmas_type="zero"``. Global order = ``order``; NFE per step 1
-    (multistep) or ``order`` (singlestep).
+    (multistep) or ``order`` (singlestep). All coefficients are planned once per solve (``rows``).
     """
 
     order: int = 2
@@ -80,64 +118,94 @@ class DPMSolverPP(ExponentialIntegrator):
     def nfe_per_step(self) -> int:
         return 1 if self.multistep else self.order
 
-    def step(self, model, state, grid, i, noise=None):
+    def rows(self, plan):
+        return self._multistep_rows(plan) if self.multistep else self._singlestep_rows(plan)
+
+    def step(self, model, state, c, noise=None):
         if self.multistep:
-            return self._multistep(model, state, grid, i)
-        return self._singlestep(model, state, grid, i)
+            return self._multistep(model, state, c)
+        return self._singlestep(model, state, c)
 
     # ------------------------------------------------------------------------------------------
-    def _multistep(self, model, state, grid, i):
-        sch, x = model.schedule, state.x
-        iv = Interval.of(sch, grid[i], grid[i + 1])
-        pred = model(x, grid[i])
-        m0 = needed(pred, "x0", iv.t_s) if iv.alpha_s == 0.0 else pred.x0
-        k, starter = self._multistep_plan(state, grid, i, sch, iv)
-        if starter:
-            x_next = singlestep2_update(model, x, pred, iv, "x0", self.solver_type)
-        elif k == 1:
-            x_next = first_order_update(x, pred, iv, "x0")
+    def _multistep_rows(self, plan):
+        st = Steps(plan.start, plan.end)
+        orders = multistep_orders(self, plan)
+        firsts = first_order_coefficients(st, "x0")
+        h, a_t = st.h, st.alpha_t
+        taylor = (a_t * h * phis(2, -h)).tolist()
+        second = (0.5 * st.data_coefficient()).tolist() if self.solver_type == "midpoint" else taylor
+        # D1's weight: the second-order form on a k = 2 step, the exact quadratic moment on a k = 3 step
+        w1 = [second[i] if k == 2 else taylor[i] for i, (k, _) in enumerate(orders)]
+        w2 = (2.0 * a_t * h * phis(3, -h)).tolist()
+        lam = plan.nodes.lam
+        r0, r1 = ratios(st, lam, 1), ratios(st, lam, 2)
+        starters = singlestep2_stages(plan, st, "x0", self.solver_type, [i for i, (_, s) in enumerate(orders) if s])
+        return [MultistepRow(plan.at(i), k, firsts[i], r0[i], r1[i], w1[i], w2[i], starters.get(i))
+                for i, (k, _) in enumerate(orders)]
+
+    def _multistep(self, model, state, c):
+        x = state.x
+        pred = model(x, c.s)
+        m0 = pred.x0
+        if c.starter is not None:
+            x_next = singlestep2(model, x, pred, c.first, c.starter)
+        elif c.k == 1:
+            x_next = first_order(x, pred, c.first)
         else:
-            h, a_t = iv.h, iv.alpha_t
-            lam_1 = lam_at(sch, grid[i - 1])
-            r0 = (iv.lam_s - lam_1) / h
             m1 = state.history[0]
-            d1_0 = (m0 - m1) / r0
-            x_next = iv.sigma_ratio * x + iv.data_coefficient() * m0
-            if k == 2:
-                if self.solver_type == "midpoint":
-                    x_next = x_next + (0.5 * iv.data_coefficient()) * d1_0
-                else:
-                    x_next = x_next + (a_t * h * phi(2, -h)) * d1_0
+            d1_0 = (m0 - m1) / c.r0
+            x_next = first_order(x, pred, c.first)
+            if c.k == 2:
+                x_next = x_next + c.w1 * d1_0
             else:
-                r1 = (lam_1 - lam_at(sch, grid[i - 2])) / h
-                d1_1 = (m1 - state.history[1]) / r1
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                d1 = d1_0 + r0 * d2
-                x_next = x_next + (a_t * h * phi(2, -h)) * d1 + (2.0 * a_t * h * phi(3, -h)) * d2
+                d1_1 = (m1 - state.history[1]) / c.r1
+                d2 = (d1_0 - d1_1) / (c.r0 + c.r1)
+                d1 = d1_0 + c.r0 * d2
+                x_next = x_next + c.w1 * d1 + c.w2 * d2
         return State(x_next, (m0, *state.history)[: self.order - 1])
 
     # ------------------------------------------------------------------------------------------
-    def _singlestep(self, model, state, grid, i):
-        sch, x = model.schedule, state.x
-        iv = Interval.of(sch, grid[i], grid[i + 1])
-        pred = model(x, grid[i])
-        m0 = needed(pred, "x0", iv.t_s) if iv.alpha_s == 0.0 else pred.x0
-        k = self.order if iv.finite else 1
-        if k == 1:
-            return State(first_order_update(x, pred, iv, "x0"))
-        if k == 2:
-            return State(singlestep2_update(model, x, pred, iv, "x0", self.solver_type))
-        h, a_t = iv.h, iv.alpha_t
-        base = iv.sigma_ratio * x + iv.data_coefficient() * m0
-        t1, iv1, r1 = stage(sch, iv, 1.0 / 3.0)
-        t2, iv2, r2 = stage(sch, iv, 2.0 / 3.0)
-        m1 = model(first_order_update(x, pred, iv1, "x0"), t1).x0
-        h2 = iv2.h
-        u2 = first_order_update(x, pred, iv2, "x0") + (r2 / r1 * iv2.alpha_t * h2 * phi(2, -h2)) * (m1 - m0)
-        m2 = model(u2, t2).x0
+    def _singlestep_rows(self, plan):
+        st = Steps(plan.start, plan.end)
+        finite = st.finite.tolist()
+        firsts = first_order_coefficients(st, "x0")
+        ks = [self.order if f else 1 for f in finite]
+        two = singlestep2_stages(plan, st, "x0", self.solver_type, [i for i, k in enumerate(ks) if k == 2])
+        three = [i for i, k in enumerate(ks) if k == 3]
+        extra = {}
+        if three:
+            idx = torch.tensor(three, dtype=torch.long)
+            h, a_t = st.h[idx], st.alpha_t[idx]
+            st1, r1, s1 = stages(plan, st, 1.0 / 3.0, three)
+            st2, r2, s2 = stages(plan, st, 2.0 / 3.0, three)
+            h2 = st2.h
+            c_u2 = r2 / r1 * st2.alpha_t * h2 * phis(2, -h2)
+            c1 = a_t * h * phis(2, -h) / r2 if self.solver_type == "midpoint" else a_t * h * phis(2, -h)
+            c2 = a_t * h * phis(3, -h)
+            cols = zip(s1, s2, first_order_coefficients(st1, "x0"), first_order_coefficients(st2, "x0"),
+                       r1.tolist(), r2.tolist(), c_u2.tolist(), c1.tolist(), c2.tolist())
+            extra = dict(zip(three, cols))
+        rows = []
+        for i, k in enumerate(ks):
+            rest = extra.get(i, (None, None, None, None, _NAN, _NAN, _NAN, _NAN, _NAN))
+            rows.append(SinglestepRow(plan.at(i), k, firsts[i], two.get(i), *rest))
+        return rows
+
+    def _singlestep(self, model, state, c):
+        x = state.x
+        pred = model(x, c.s)
+        if c.k == 1:
+            return State(first_order(x, pred, c.first))
+        if c.k == 2:
+            return State(singlestep2(model, x, pred, c.first, c.stage2))
+        m0 = pred.x0
+        base = first_order(x, pred, c.first)
+        m1 = model(first_order(x, pred, c.first1), c.s1).x0
+        u2 = first_order(x, pred, c.first2) + c.c_u2 * (m1 - m0)
+        m2 = model(u2, c.s2).x0
         if self.solver_type == "midpoint":
-            return State(base + (a_t * h * phi(2, -h) / r2) * (m2 - m0))
-        d1_0, d1_1 = (m1 - m0) / r1, (m2 - m0) / r2
-        d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
-        d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
-        return State(base + (a_t * h * phi(2, -h)) * d1 + (a_t * h * phi(3, -h)) * d2)
+            return State(base + c.c1 * (m2 - m0))
+        d1_0, d1_1 = (m1 - m0) / c.r1, (m2 - m0) / c.r2
+        d1 = (c.r2 * d1_0 - c.r1 * d1_1) / (c.r2 - c.r1)
+        d2 = 2.0 * (d1_1 - d1_0) / (c.r2 - c.r1)
+        return State(base + c.c1 * d1 + c.c2 * d2)

@@ -2,27 +2,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import torch
-
-from .base import Solver, State
+from ..plan import At
+from .base import Solver, State, axpy
 
 __all__ = ["Euler", "euler_adjoint_step"]
 
 
+class EulerRow(NamedTuple):
+    s: At  # model evaluation at t_i
+    dt: float  # t_{i+1} - t_i
+
+
 @dataclass(frozen=True)
 class Euler(Solver):
-    """Explicit Euler on the PF-ODE: ``x_{i+1} = x_i + (t_{i+1} - t_i) u(x_i, t_i)``.
+    """Explicit Euler on the PF-ODE in our time ``t``: ``x_{i+1} = x_i + (t_{i+1} - t_i) u(x_i, t_i)``.
 
     ``u`` is the PF-ODE drift (flow-matching velocity), so for ``LinearFlow`` this is the usual
-    flow-matching Euler sampler; for VE/EDM it equals k-diffusion's ``sample_euler``
-    (Karras et al. 2022, Alg. 2 without churn). Global order 1.
+    flow-matching Euler sampler. On VE/EDM it is *not* k-diffusion's ``sample_euler`` (Karras et al. 2022,
+    Alg. 2 without churn), which steps in the noise level ``sigma`` (linear in ``t`` only for
+    ``VE``-like paths with ``sigma(t) = t``); the first-order method that equals ``sample_euler`` on every
+    path is :class:`~adjointflow.solvers.DDIM` (Euler in ``sigma/alpha``, Karras et al. 2022, Sec. 4).
+    Global order 1.
     """
 
-    def step(self, model, state, grid, i, noise=None):
-        t, dt = grid[i], float(grid[i + 1] - grid[i])
-        u = model(state.x, t).velocity
-        return State(torch.add(state.x, u, alpha=dt))
+    def rows(self, plan):
+        return [EulerRow(plan.at(i), dt) for i, dt in enumerate((plan.grid[1:] - plan.grid[:-1]).tolist())]
+
+    def step(self, model, state, c, noise=None):
+        return State(axpy(state.x, c.dt, model(state.x, c.s).velocity))
 
     def adjoint_step(self, model, adj, grid, i):
         """Explicit Euler on the continuous adjoint ODE (see :func:`euler_adjoint_step`)."""
@@ -41,8 +50,7 @@ def euler_adjoint_step(model, adj, grid, i):
     """
     from ..adjoint.equations import AdjointState, drift_vjp
 
-    t, t_next = grid[i], grid[i + 1]
-    j = i if float(model.schedule.sigma(t_next)) == 0.0 else i + 1
-    dt = (t_next - t).to(adj.a.dtype)
-    vx, vin = drift_vjp(model, model.x(j), grid[j], adj.a)
-    return AdjointState(adj.a + dt * vx, tuple(p + dt.to(v.dtype) * v for p, v in zip(adj.inputs, vin)))
+    j = i if model.sigma[i + 1] == 0.0 else i + 1
+    dt = model.times[i + 1] - model.times[i]
+    vx, vin = drift_vjp(model, model.x(j), j, adj.a)
+    return AdjointState(axpy(adj.a, dt, vx), tuple(axpy(p, dt, v) for p, v in zip(adj.inputs, vin)))

@@ -11,35 +11,45 @@ Replacing the prediction by its Taylor/Lagrange polynomial in ``u`` gives the in
 ``int_0^h e^{-(h-u)} u^{k-1}/(k-1)! du = h^k phi_k(-h)`` with the phi functions of exponential
 integrators (Hochbruck & Ostermann 2010), evaluated here in float64 without cancellation.
 
+Every coefficient is computed once per solve, vectorised over the steps (:class:`Steps`, from the
+:class:`~adjointflow.plan.Plan`'s float64 nodes), and read by the step from its row.
+
 Singular ends. ``lambda = -inf`` where ``alpha = 0`` (LinearFlow and VPCosine at ``t = 1``) and
 ``lambda = +inf`` where ``sigma = 0`` (``t = 0`` on VP paths and LinearFlow): there ``h`` is infinite
-and only the first-order step has a finite limit, which :func:`first_order_update` evaluates in a
+and only the first-order step has a finite limit, which :func:`first_order_coefficients` writes in a
 form that stays finite. That limit needs ``x0_hat`` where ``alpha_s = 0`` and ``eps_hat`` where
-``sigma_s = 0``. A ``"velocity"``, ``"v"`` or ``"x0"`` model gives ``x0_hat`` at ``alpha = 0`` (the
-Denoiser's conversion does not divide by ``alpha`` for them); an ``"eps"`` or ``"score"`` model cannot
-(``x0 = (x - sigma eps)/alpha``), and such a step raises ``ValueError`` (start the grid at
-``t < 1``). Symmetrically an ``"x0"`` model cannot give ``eps_hat`` at ``sigma = 0``, which only an
-inversion grid starting at ``t = 0`` would need.
+``sigma_s = 0``. A ``"velocity"``, ``"v"`` or ``"x0"`` model gives ``x0_hat`` at ``alpha = 0``; an
+``"eps"`` or ``"score"`` model cannot (``x0 = (x - sigma eps)/alpha``), and such a step raises
+``ValueError`` (start the grid at ``t < 1``). Symmetrically an ``"x0"`` model cannot give ``eps_hat`` at
+``sigma = 0``, which only an inversion grid starting at ``t = 0`` would need.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .base import Solver, State
+from ..plan import At, Nodes, Plan
+from .base import Solver
 
 __all__ = [
     "phi",
+    "phis",
+    "Steps",
     "Interval",
-    "first_order_update",
+    "FirstOrder",
+    "first_order",
+    "first_order_coefficients",
+    "Stage2",
+    "singlestep2",
+    "singlestep2_stages",
+    "multistep_orders",
     "ExponentialIntegrator",
     "SOLVER_TYPES",
     "WARMUPS",
-    "singlestep2_update",
 ]
 
 #: second-order update forms: "midpoint" (the DPM-Solver papers' published update, diffusers'
@@ -47,11 +57,31 @@ __all__ = [
 #: official DPM-Solver code).
 SOLVER_TYPES = ("midpoint", "heun")
 
-#: warm-up of multistep methods (see ``ExponentialIntegrator._multistep_plan``)
+#: warm-up of multistep methods (see :func:`multistep_orders`)
 WARMUPS = ("singlestep", "multistep")
 
 #: diffusers' rule: with fewer steps than this, ``lower_order_final`` lowers the last steps' order.
 LOWER_ORDER_FINAL_STEPS = 15
+
+
+def phis(k: int, z: Tensor) -> Tensor:
+    """phi function of exponential integrators, elementwise on a float64 tensor ``z`` (see :func:`phi`)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"phi needs an integer order k >= 0, got {k!r}")
+    if k == 0:
+        return torch.exp(z)
+    small = z.abs() < 1.0
+    term = torch.full_like(z, 1.0 / math.factorial(k))
+    series = term
+    for j in range(1, 30):
+        term = term * (z / (j + k))
+        series = series + term
+    zz = torch.where(small, torch.ones_like(z), z)
+    value = torch.expm1(zz) / zz
+    for j in range(1, k):
+        value = (value - 1.0 / math.factorial(j)) / zz
+    value = torch.where(torch.isneginf(z), torch.zeros_like(z), value)
+    return torch.where(small, series, value)
 
 
 def phi(k: int, z: float) -> float:
@@ -63,34 +93,56 @@ def phi(k: int, z: float) -> float:
     ``|z| < 1`` uses the power series (30 terms: truncation below 1e-30) and ``|z| >= 1`` the
     recurrence started from ``expm1``. ``z = -inf`` gives ``phi_k = 0`` for ``k >= 1``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"phi needs an integer order k >= 0, got {k!r}")
-    z = float(z)
-    if k == 0:
-        return math.exp(z)
-    if abs(z) < 1.0:
-        term = 1.0 / math.factorial(k)
-        total = term
-        for j in range(1, 30):
-            term *= z / (j + k)
-            total += term
-        return total
-    if math.isinf(z) and z < 0:
-        return 0.0
-    value = math.expm1(z) / z
-    for j in range(1, k):
-        value = (value - 1.0 / math.factorial(j)) / z
-    return value
+    return float(phis(k, torch.tensor(float(z), dtype=torch.float64)))
+
+
+class Steps:
+    """Float64 quantities of the steps ``s -> t`` between two :class:`~adjointflow.plan.Nodes` (vectorised).
+
+    ``lambda``, ``h``, the ratios ``sigma_t/sigma_s`` and ``alpha_t/alpha_s`` are derived in log space so
+    that the singular ends (``alpha = 0`` or ``sigma = 0``, i.e. ``log = -inf``) give the exact limits
+    ``0``/``inf`` instead of NaN.
+    """
+
+    def __init__(self, start: Nodes, end: Nodes):
+        self.log_alpha_s, self.log_sigma_s = start.log_alpha, start.log_sigma
+        self.log_alpha_t, self.log_sigma_t = end.log_alpha, end.log_sigma
+
+    lam_s = property(lambda self: self.log_alpha_s - self.log_sigma_s)
+    lam_t = property(lambda self: self.log_alpha_t - self.log_sigma_t)
+    h = property(lambda self: self.lam_t - self.lam_s)
+    alpha_s = property(lambda self: torch.exp(self.log_alpha_s))
+    alpha_t = property(lambda self: torch.exp(self.log_alpha_t))
+    sigma_s = property(lambda self: torch.exp(self.log_sigma_s))
+    sigma_t = property(lambda self: torch.exp(self.log_sigma_t))
+    #: ``sigma_t / sigma_s`` (``inf`` when ``sigma_s = 0``)
+    sigma_ratio = property(lambda self: torch.exp(self.log_sigma_t - self.log_sigma_s))
+    #: ``alpha_t / alpha_s`` (``inf`` when ``alpha_s = 0``)
+    alpha_ratio = property(lambda self: torch.exp(self.log_alpha_t - self.log_alpha_s))
+
+    @property
+    def finite(self) -> Tensor:
+        """Both ends have finite ``lambda`` (the only case where orders above 1 are defined)."""
+        return torch.isfinite(self.lam_s) & torch.isfinite(self.lam_t)
+
+    def data_coefficient(self) -> Tensor:
+        """``alpha_t (1 - e^{-h}) = alpha_t h phi_1(-h)``, the weight of ``x0_hat`` in the first-order
+        data-form step; written as ``-alpha_t expm1(-h)`` for ``h >= 0`` (finite at ``h = +inf``) and as
+        ``(sigma_t/sigma_s) alpha_s expm1(h)`` for ``h < 0`` (finite at ``alpha_t = 0``)."""
+        h = self.h
+        return torch.where(h >= 0, -self.alpha_t * torch.expm1(-h), self.sigma_ratio * self.alpha_s * torch.expm1(h))
+
+    def noise_coefficient(self) -> Tensor:
+        """``-sigma_t (e^h - 1) = -sigma_t h phi_1(h)``, the weight of ``eps_hat`` in the first-order
+        noise-form step; written as ``(alpha_t/alpha_s) sigma_s expm1(-h)`` for ``h >= 0`` (finite at
+        ``sigma_t = 0``) and as ``-sigma_t expm1(h)`` for ``h < 0`` (finite at ``sigma_s = 0``)."""
+        h = self.h
+        return torch.where(h >= 0, self.alpha_ratio * self.sigma_s * torch.expm1(-h), -self.sigma_t * torch.expm1(h))
 
 
 @dataclass(frozen=True)
 class Interval:
-    """Float64 scalars of one step ``s -> t``: ``log alpha``, ``log sigma`` at both ends.
-
-    Everything else (``lambda``, ``h``, the ratios ``sigma_t/sigma_s``, ``alpha_t/alpha_s``) is derived
-    in log space so that the singular ends (``alpha = 0`` or ``sigma = 0``, i.e. ``log = -inf``) give
-    the exact limits ``0``/``inf`` instead of NaN.
-    """
+    """One step ``s -> t`` as Python floats (the scalar view of :class:`Steps`, for inspection and tests)."""
 
     t_s: float
     t_t: float
@@ -101,147 +153,171 @@ class Interval:
 
     @staticmethod
     def of(schedule, t_s, t_t) -> "Interval":
-        ts, tt = torch.as_tensor(t_s, dtype=torch.float64), torch.as_tensor(t_t, dtype=torch.float64)
-        return Interval(
-            float(ts), float(tt),
-            float(schedule.log_alpha(ts)), float(schedule.log_sigma(ts)),
-            float(schedule.log_alpha(tt)), float(schedule.log_sigma(tt)),
-        )
+        n = Nodes.of(schedule, torch.stack([torch.as_tensor(t_s, dtype=torch.float64),
+                                            torch.as_tensor(t_t, dtype=torch.float64)]).reshape(2))
+        return Interval(*n.t.tolist(), float(n.log_alpha[0]), float(n.log_sigma[0]), float(n.log_alpha[1]),
+                        float(n.log_sigma[1]))
 
-    @property
-    def lam_s(self) -> float:
-        return self.log_alpha_s - self.log_sigma_s
+    def _steps(self) -> Steps:
+        f = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        st = Steps.__new__(Steps)
+        st.log_alpha_s, st.log_sigma_s = f(self.log_alpha_s), f(self.log_sigma_s)
+        st.log_alpha_t, st.log_sigma_t = f(self.log_alpha_t), f(self.log_sigma_t)
+        return st
 
-    @property
-    def lam_t(self) -> float:
-        return self.log_alpha_t - self.log_sigma_t
-
-    @property
-    def h(self) -> float:
-        return self.lam_t - self.lam_s
-
-    @property
-    def alpha_s(self) -> float:
-        return math.exp(self.log_alpha_s)
-
-    @property
-    def alpha_t(self) -> float:
-        return math.exp(self.log_alpha_t)
-
-    @property
-    def sigma_s(self) -> float:
-        return math.exp(self.log_sigma_s)
-
-    @property
-    def sigma_t(self) -> float:
-        return math.exp(self.log_sigma_t)
-
-    @property
-    def sigma_ratio(self) -> float:
-        """``sigma_t / sigma_s`` (``inf`` when ``sigma_s = 0``)."""
-        return math.exp(self.log_sigma_t - self.log_sigma_s)
-
-    @property
-    def alpha_ratio(self) -> float:
-        """``alpha_t / alpha_s`` (``inf`` when ``alpha_s = 0``)."""
-        return math.exp(self.log_alpha_t - self.log_alpha_s)
-
-    @property
-    def finite(self) -> bool:
-        """Both ends have finite ``lambda`` (the only case where orders above 1 are defined)."""
-        return math.isfinite(self.lam_s) and math.isfinite(self.lam_t)
+    def __getattr__(self, name):
+        if name in ("lam_s", "lam_t", "h", "alpha_s", "alpha_t", "sigma_s", "sigma_t", "sigma_ratio", "alpha_ratio",
+                    "finite"):
+            v = getattr(self._steps(), name)
+            return bool(v) if name == "finite" else float(v)
+        raise AttributeError(name)
 
     def data_coefficient(self) -> float:
-        """``alpha_t (1 - e^{-h}) = alpha_t h phi_1(-h)``, the weight of ``x0_hat`` in the first-order
-        data-form step; written as ``-alpha_t expm1(-h)`` for ``h >= 0`` (finite at ``h = +inf``) and as
-        ``(sigma_t/sigma_s) alpha_s expm1(h)`` for ``h < 0`` (finite at ``alpha_t = 0``)."""
-        h = self.h
-        if h >= 0:
-            return -self.alpha_t * math.expm1(-h)
-        return self.sigma_ratio * self.alpha_s * math.expm1(h)
+        return float(self._steps().data_coefficient())
 
     def noise_coefficient(self) -> float:
-        """``-sigma_t (e^h - 1) = -sigma_t h phi_1(h)``, the weight of ``eps_hat`` in the first-order
-        noise-form step; written as ``(alpha_t/alpha_s) sigma_s expm1(-h)`` for ``h >= 0`` (finite at
-        ``sigma_t = 0``) and as ``-sigma_t expm1(h)`` for ``h < 0`` (finite at ``sigma_s = 0``)."""
-        h = self.h
-        if h >= 0:
-            return self.alpha_ratio * self.sigma_s * math.expm1(-h)
-        return -self.sigma_t * math.expm1(h)
+        return float(self._steps().noise_coefficient())
 
 
-def needed(pred, kind: str, t: float) -> Tensor:
-    """``pred.x0`` or ``pred.eps``, checked finite where the conversion divides by zero."""
-    value = pred.x0 if kind == "x0" else pred.eps
-    if not bool(torch.isfinite(value).all()):
-        if kind == "x0":
-            why = (f"alpha(t={t:.6g}) = 0 and a model that predicts {getattr(pred, 'kind', '?')!r} cannot give x0 there "
-                   f"(x0 = (x - sigma eps)/alpha); start the grid at t < 1 (e.g. timesteps(schedule, n, "
-                   f"t_start=0.999)) or use a 'velocity', 'v' or 'x0' model")
-        else:
-            why = (f"sigma(t={t:.6g}) = 0 and a model that predicts {getattr(pred, 'kind', '?')!r} cannot give eps "
-                   f"there (eps = (x - alpha x0)/sigma); start the inversion grid at t > 0")
-        raise ValueError(f"exponential-integrator step from a singular end of the path: {why}")
-    return value
+class FirstOrder(NamedTuple):
+    """The first-order exponential-integrator step (DDIM, Song et al. 2021, eq. 12 with eta = 0), as
+    ``form`` with two weights:
 
-
-def first_order_update(x: Tensor, pred, iv: Interval, form: str) -> Tensor:
-    """The first-order exponential-integrator step (DDIM, Song et al. 2021, eq. 12 with eta = 0):
-
-    * data form:  ``x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) x0_hat``
-    * noise form: ``x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_hat``
-
-    both equal to ``alpha_t x0_hat + sigma_t eps_hat``. Where the form's leading ratio is infinite
-    (``sigma_s = 0`` for the data form, ``alpha_s = 0`` for the noise form) that symmetric DDIM form,
-    which is the exact limit, is used instead.
+    * ``"x0"`` (data form):  ``x_t = a x_s + b x0_hat``, ``a = sigma_t/sigma_s``, ``b = alpha_t (1 - e^{-h})``
+    * ``"eps"`` (noise form): ``x_t = a x_s + b eps_hat``, ``a = alpha_t/alpha_s``, ``b = -sigma_t (e^h - 1)``
+    * ``"sym"``: ``x_t = a x0_hat + b eps_hat`` with ``a = alpha_t``, ``b = sigma_t`` -- the exact limit where
+      the form's leading ratio is infinite (``sigma_s = 0`` for the data form, ``alpha_s = 0`` for the noise form).
     """
-    if iv.alpha_s == 0.0:
-        x0 = needed(pred, "x0", iv.t_s)
-        if form == "eps":
-            return iv.alpha_t * x0 + iv.sigma_t * pred.eps
-    if iv.sigma_s == 0.0:
-        eps = needed(pred, "eps", iv.t_s)
-        if form == "x0":
-            return iv.alpha_t * pred.x0 + iv.sigma_t * eps
+
+    form: str
+    a: float
+    b: float
+
+
+def first_order_coefficients(st: Steps, form: str) -> list[FirstOrder]:
+    """:class:`FirstOrder` rows of every step in ``st`` for the data (``"x0"``) or noise (``"eps"``) form."""
     if form == "x0":
-        return iv.sigma_ratio * x + iv.data_coefficient() * pred.x0
-    return iv.alpha_ratio * x + iv.noise_coefficient() * pred.eps
+        a, b, singular = st.sigma_ratio, st.data_coefficient(), st.sigma_s == 0
+    else:
+        a, b, singular = st.alpha_ratio, st.noise_coefficient(), st.alpha_s == 0
+    a = torch.where(singular, st.alpha_t, a).tolist()
+    b = torch.where(singular, st.sigma_t, b).tolist()
+    forms = ["sym" if z else form for z in singular.tolist()]
+    return [FirstOrder(*r) for r in zip(forms, a, b)]
 
 
-def lam_at(schedule, t) -> float:
-    return float(schedule.log_snr(torch.as_tensor(t, dtype=torch.float64)))
+def first_order(x: Tensor, pred, fo: FirstOrder) -> Tensor:
+    """Apply a :class:`FirstOrder` step to ``x`` with the prediction ``pred`` made at ``(x, s)``."""
+    if fo.form == "x0":
+        return fo.a * x + fo.b * pred.x0
+    if fo.form == "eps":
+        return fo.a * x + fo.b * pred.eps
+    return fo.a * pred.x0 + fo.b * pred.eps
 
 
-def stage(schedule, iv: Interval, r: float):
-    """The intermediate point of a singlestep method at ``lambda_s + r h``: its time (float64 tensor),
-    the interval ``s -> s_r`` and the actual ``r`` after the float64 round trip through ``t``."""
-    t_r = schedule.t_from_log_snr(torch.tensor(iv.lam_s + r * iv.h, dtype=torch.float64))
-    iv_r = Interval.of(schedule, iv.t_s, t_r)
-    return t_r, iv_r, iv_r.h / iv.h
+class Stage2(NamedTuple):
+    """The intermediate point of a second-order singlestep step (see :func:`singlestep2`)."""
+
+    s1: At  # evaluation at lambda_s + r_1 h
+    first: FirstOrder  # first-order step s -> s_1
+    c: float  # weight of D = p(u, s_1) - p(x_s, s)
+    form: str  # "x0" (p = x0_hat) or "eps" (p = eps_hat)
 
 
-def singlestep2_update(model, x: Tensor, pred, iv: Interval, form: str, solver_type: str) -> Tensor:
-    """Second-order singlestep exponential integrator (Lu et al. 2022: DPM-Solver-2 for
-    ``form="eps"``, DPM-Solver++(2S) for ``form="x0"``), intermediate point ``s_1`` at ``lambda_s + h/2``:
+def singlestep2(model, x: Tensor, pred, first: FirstOrder, st: Stage2) -> Tensor:
+    """Second-order singlestep exponential integrator (Lu et al. 2022: DPM-Solver-2 for ``form="eps"``,
+    DPM-Solver++(2S) for ``form="x0"``), intermediate point ``s_1`` at ``lambda_s + h/2``:
 
         u = first_order(x_s, s -> s_1);  D = p(u, s_1) - p(x_s, s)   (p = x0_hat or eps_hat)
-        data form:  x_t = first_order(x_s, s -> t) + c D,  c = (1 - e^{-h})/(2 r_1) alpha_t     ("midpoint")
-                                                            c = alpha_t h phi_2(-h) / r_1         ("heun")
-        noise form: x_t = first_order(x_s, s -> t) + c D,  c = -sigma_t (e^h - 1)/(2 r_1)        ("midpoint")
-                                                            c = -sigma_t h phi_2(h) / r_1          ("heun")
+        x_t = first_order(x_s, s -> t) + c D
 
-    Two NFE (``pred`` is the one at ``(x_s, s)``); ``h`` must be finite.
+    with ``c`` from :func:`singlestep2_stages`. Two NFE (``pred`` is the one at ``(x_s, s)``).
     """
-    t1, iv1, r1 = stage(model.schedule, iv, 0.5)
-    pred1 = model(first_order_update(x, pred, iv1, form), t1)
-    h = iv.h
+    pred1 = model(first_order(x, pred, st.first), st.s1)
+    d = pred1.x0 - pred.x0 if st.form == "x0" else pred1.eps - pred.eps
+    return first_order(x, pred, first) + st.c * d
+
+
+def stages(plan: Plan, st: Steps, r: float, where: list[int]) -> tuple[Steps, Tensor, list[At]]:
+    """Intermediate points at ``lambda_s + r h`` for the steps ``where``: the steps ``s -> s_r``, the actual
+    ``r`` after the float64 round trip through ``t``, and their evaluation points."""
+    idx = torch.tensor(where, dtype=torch.long)
+    lam_s, h = st.lam_s[idx], st.h[idx]
+    nodes, at = plan.stage(plan.schedule.t_from_log_snr(lam_s + r * h))
+    sub = Steps(plan.start[idx], nodes)
+    return sub, sub.h / h, at
+
+
+def singlestep2_stages(plan: Plan, st: Steps, form: str, solver_type: str, where: list[int]) -> dict[int, Stage2]:
+    """:class:`Stage2` of the steps ``where`` (finite ``h``):
+
+        data form:  c = (1 - e^{-h})/(2 r_1) alpha_t ("midpoint"),  c = alpha_t h phi_2(-h) / r_1 ("heun")
+        noise form: c = -sigma_t (e^h - 1)/(2 r_1)   ("midpoint"),  c = -sigma_t h phi_2(h) / r_1  ("heun")
+    """
+    if not where:
+        return {}
+    idx = torch.tensor(where, dtype=torch.long)
+    sub, r1, at = stages(plan, st, 0.5, where)
+    h = st.h[idx]
     if form == "x0":
-        d = pred1.x0 - pred.x0
-        c = 0.5 / r1 * iv.data_coefficient() if solver_type == "midpoint" else iv.alpha_t * h * phi(2, -h) / r1
+        c = 0.5 / r1 * st.data_coefficient()[idx] if solver_type == "midpoint" else st.alpha_t[idx] * h * phis(2, -h) / r1
     else:
-        d = pred1.eps - pred.eps
-        c = 0.5 / r1 * iv.noise_coefficient() if solver_type == "midpoint" else -iv.sigma_t * h * phi(2, h) / r1
-    return first_order_update(x, pred, iv, form) + c * d
+        c = 0.5 / r1 * st.noise_coefficient()[idx] if solver_type == "midpoint" else -st.sigma_t[idx] * h * phis(2, h) / r1
+    firsts = first_order_coefficients(sub, form)
+    return {i: Stage2(s1, fo, ci, form) for i, s1, fo, ci in zip(where, at, firsts, c.tolist())}
+
+
+def multistep_orders(solver, plan: Plan) -> list[tuple[int, bool]]:
+    """``(k, starter)`` for every step of a multistep method: the order ``k`` of step ``i`` and whether it
+    is instead a second-order singlestep starter.
+
+    ``k`` is the declared order, lowered to ``1 + (number of history nodes with finite lambda)``
+    (warm-up; a node at ``lambda = -inf``, e.g. ``t = 1`` of LinearFlow, contributes nothing in the
+    limit) and by ``lower_order_final`` (diffusers' rule: with fewer than 15 steps the last step is
+    first order and the one before at most second). A step to or from a singular end (infinite
+    ``h``) is always first order. The history at step ``i`` holds ``min(i, order - 1)`` predictions
+    (``plan.history`` overrides it for a single step).
+
+    Warm-up and order: a first-order step has local error ``O(h^2)``, which caps the global order
+    of a third-order method at 2 once the grid is fine enough (measured: DPM-Solver++(3M) with a
+    first-order first step has local orders 4.2 then 2.0 between 128, 256 and 512 steps). With
+    ``warmup="singlestep"`` an order-3 method whose history is still empty therefore takes a
+    second-order singlestep step (``starter``, one extra NFE; Lu et al.'s DPM-Solver-2 /
+    DPM-Solver++(2S)); the next step is second-order multistep (local ``O(h^3)``).
+    ``warmup="multistep"`` reproduces diffusers' plain lower-order warm-up.
+    """
+    finite = torch.isfinite(plan.nodes.lam[: plan.n + 1]).tolist()
+    n, order = plan.n, solver.order
+    out = []
+    for i in range(n):
+        n_hist = plan.history.get(i, min(i, order - 1))
+        if not (finite[i] and finite[i + 1]):
+            out.append((1, False))
+            continue
+        cap = order
+        if getattr(solver, "lower_order_final", False) and n < LOWER_ORDER_FINAL_STEPS:
+            if i == n - 1:
+                cap = 1
+            elif i == n - 2:
+                cap = min(cap, 2)
+        usable = 1
+        while usable <= n_hist and finite[i - usable]:
+            usable += 1
+        if getattr(solver, "warmup", "multistep") == "singlestep" and usable < order - 1 and cap >= 2:
+            out.append((2, True))
+        else:
+            out.append((min(cap, usable), False))
+    return out
+
+
+def ratios(st: Steps, lam: Tensor, back: int) -> list[float]:
+    """``r = h_{i-back} / h_i`` for every step ``i`` (NaN where step ``i - back`` does not exist):
+    ``h_{i-1} = lambda_s - lambda_{i-1}`` for ``back = 1``, ``lambda_{i-1} - lambda_{i-2}`` for ``back = 2``."""
+    n = st.h.numel()
+    prev = torch.full((n,), math.nan, dtype=torch.float64)
+    if n > back:
+        prev[back:] = lam[1 : n - back + 1] - lam[: n - back]
+    return (prev / st.h).tolist()
 
 
 @dataclass(frozen=True)
@@ -252,66 +328,17 @@ class ExponentialIntegrator(Solver):
     DPM-Solver++; ``"eps"``: noise form, DPM-Solver/DEIS). The continuous adjoint (AdjointDEIS,
     Blasingame & Liu 2024) picks its own form with ``ContinuousAdjoint(form=...)``. ``nfe_per_step``
     is nominal: a singlestep warm-up or a final step changes the real count, which ``solve`` reports
-    exactly in ``Solution.nfe``. Multistep history
-    (previous predictions, newest first) lives in :class:`State`; a step is a pure function of
-    ``(state, grid, i, noise)``.
+    exactly in ``Solution.nfe``. Multistep history (previous predictions, newest first) lives in the
+    :class:`~adjointflow.solvers.base.State`; a step is a pure function of ``(state, row, noise)``.
     """
 
     prediction: ClassVar[str] = "x0"
 
     def adjoint_step(self, *args, **kwargs):
         """One AdjointDEIS step for this solver (``adjointflow.adjoint.adjoint_deis``)."""
-        try:
-            from ..adjoint.adjoint_deis import exponential_adjoint_step
-        except ModuleNotFoundError as e:  # pragma: no cover - depends on the adjoint module being built
-            if e.name != "adjointflow.adjoint.adjoint_deis":
-                raise
-            raise NotImplementedError(
-                f"{type(self).__name__}: the AdjointDEIS steps are not available; use gradient=Checkpoint() or Backprop()"
-            ) from e
+        from ..adjoint.adjoint_deis import exponential_adjoint_step
+
         return exponential_adjoint_step(self, *args, **kwargs)
-
-    # --- helpers shared by the multistep solvers -------------------------------------------
-    def _multistep_plan(self, state: State, grid: Tensor, i: int, schedule, iv: Interval) -> tuple[int, bool]:
-        """``(k, starter)``: the order ``k`` of multistep step ``i`` and whether it is instead a
-        second-order singlestep starter.
-
-        ``k`` is the declared order, lowered to ``1 + (number of history nodes with finite lambda)``
-        (warm-up; a node at ``lambda = -inf``, e.g. ``t = 1`` of LinearFlow, contributes nothing in the
-        limit) and by ``lower_order_final`` (diffusers' rule: with fewer than 15 steps the last step is
-        first order and the one before at most second). A step to or from a singular end (infinite
-        ``h``) is always first order.
-
-        Warm-up and order: a first-order step has local error ``O(h^2)``, which caps the global order
-        of a third-order method at 2 once the grid is fine enough (measured: DPM-Solver++(3M) with a
-        first-order first step has local orders 4.2 then 2.0 between 128, 256 and 512 steps). With
-        ``warmup="singlestep"`` an order-3 method whose history is still empty therefore takes a
-        second-order singlestep step (``starter``, one extra NFE; Lu et al.'s DPM-Solver-2 /
-        DPM-Solver++(2S)); the next step is second-order multistep (local ``O(h^3)``).
-        ``warmup="multistep"`` reproduces diffusers' plain lower-order warm-up.
-        """
-        n_hist = len(state.history)
-        if n_hist > i:
-            raise ValueError(
-                f"{type(self).__name__}: state.history has {n_hist} entries at step {i}; a state at grid[{i}] "
-                f"can carry at most {i} earlier predictions"
-            )
-        if not iv.finite:
-            return 1, False
-        cap = self.order
-        n = len(grid) - 1
-        if getattr(self, "lower_order_final", False) and n < LOWER_ORDER_FINAL_STEPS:
-            if i == n - 1:
-                cap = 1
-            elif i == n - 2:
-                cap = min(cap, 2)
-        usable = 1
-        while usable <= n_hist and math.isfinite(lam_at(schedule, grid[i - usable])):
-            usable += 1
-        k = min(cap, usable)
-        if getattr(self, "warmup", "multistep") == "singlestep" and usable < self.order - 1 and cap >= 2:
-            return 2, True
-        return k, False
 
 
 def check_order(name: str, order, allowed) -> None:

@@ -3,23 +3,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from ..plan import At
 from .base import Solver, State
 from .exponential import (
     SOLVER_TYPES,
     ExponentialIntegrator,
-    Interval,
+    Steps,
     check_choice,
     check_flag,
     check_order,
-    lam_at,
-    needed,
-    phi,
+    multistep_orders,
+    phis,
+    ratios,
 )
 
 __all__ = ["EulerMaruyama", "SDEDPMSolverPP"]
+
+
+class EulerMaruyamaRow(NamedTuple):
+    s: At  # model evaluation at t_i
+    a: float  # 1 + f(t_i) dt
+    b: float  # g^2(t_i)/sigma(t_i) dt
+    g: float  # g(t_i)
 
 
 @dataclass(frozen=True)
@@ -35,24 +44,27 @@ class EulerMaruyama(Solver):
 
     stochastic = True
 
-    def step(self, model, state, grid, i, noise=None):
-        if noise is None:
-            raise ValueError("EulerMaruyama.step needs a noise source (BrownianNoise)")
-        t, t_next = grid[i], grid[i + 1]
-        sch, x = model.schedule, state.x
-        eps = model(x, t).eps
+    def rows(self, plan):
+        sch, t = plan.schedule, plan.grid[:-1]
         f, g2 = sch.f(t), sch.g2(t)
-        if not (torch.isfinite(f) and torch.isfinite(g2)):
+        bad = ~(torch.isfinite(f) & torch.isfinite(g2))
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
             raise ValueError(
-                f"EulerMaruyama: the reverse SDE is singular at t={float(t):.6g} (f={float(f)}, g^2={float(g2)}; "
-                "e.g. alpha = 0 at t = 1 of LinearFlow); start the grid below it (t_start=0.999) or use SDEDPMSolverPP"
-            )
-        f = f.to(x.dtype)
-        g2_over_sigma = (g2 / sch.sigma(t)).to(x.dtype)
-        g = g2.sqrt().to(x.dtype)
-        dt = (t_next - t).to(x.dtype)
-        dw = noise(t, t_next).to(device=x.device, dtype=x.dtype)
-        return State(x + (f * x + g2_over_sigma * eps) * dt + g * dw)
+                f"EulerMaruyama: the reverse SDE is singular at t={plan.times[j]:.6g} (f={float(f[j])}, "
+                f"g^2={float(g2[j])}; e.g. alpha = 0 at t = 1 of LinearFlow); start the grid below it "
+                "(t_start=0.999) or use SDEDPMSolverPP")
+        dt = plan.grid[1:] - t
+        cols = (1.0 + f * dt, g2 / plan.start.sigma * dt, g2.sqrt())
+        return [EulerMaruyamaRow(plan.at(i), *r) for i, r in enumerate(zip(*(c.tolist() for c in cols)))]
+
+    def step(self, model, state, c, noise=None):
+        """``x_{i+1} = (1 + f dt) x_i + (g^2/sigma dt) eps_hat + g dW``: the update above, regrouped."""
+        if noise is None:
+            raise ValueError("EulerMaruyama.step needs the Brownian increment")
+        x = state.x
+        eps = model(x, c.s).eps
+        return State(c.a * x + c.b * eps + c.g * noise)
 
     def adjoint_step(self, model, adj, grid, i):
         """Euler on the SDE adjoint ``da/dt = -(dF/dx)^T a`` with ``F = 2u - f x`` (the reverse drift;
@@ -105,29 +117,39 @@ class SDEDPMSolverPP(ExponentialIntegrator):
         check_choice("SDEDPMSolverPP", "solver_type", self.solver_type, SOLVER_TYPES)
         check_flag("SDEDPMSolverPP", "lower_order_final", self.lower_order_final)
 
-    def step(self, model, state, grid, i, noise=None):
-        if noise is None:
-            raise ValueError("SDEDPMSolverPP.step needs a noise source (BrownianNoise)")
-        sch, x = model.schedule, state.x
-        t, t_next = grid[i], grid[i + 1]
-        iv = Interval.of(sch, t, t_next)
-        if not iv.h > 0:
+    def rows(self, plan):
+        st = Steps(plan.start, plan.end)
+        if not bool((st.h > 0).all()):
             raise ValueError("SDEDPMSolverPP integrates the reverse-time SDE and needs a decreasing grid")
-        pred = model(x, t)
-        m0 = needed(pred, "x0", iv.t_s) if iv.alpha_s == 0.0 else pred.x0
-        h = iv.h
-        # (sigma_t/sigma_s) e^{-h}, and 1 - e^{-2h}: both finite at h = +inf (alpha_s = 0 or sigma_t = 0)
-        decay = math.exp(iv.log_sigma_t - iv.log_sigma_s - h)
-        one_m_e2h = -math.expm1(-2.0 * h)
-        x_next = decay * x + (iv.alpha_t * one_m_e2h) * m0
-        if self._multistep_plan(state, grid, i, sch, iv)[0] == 2:
-            r0 = (iv.lam_s - lam_at(sch, grid[i - 1])) / h
-            d1 = (m0 - state.history[0]) / r0
-            if self.solver_type == "midpoint":
-                x_next = x_next + (0.5 * iv.alpha_t * one_m_e2h) * d1
-            else:
-                x_next = x_next + (iv.alpha_t * 2.0 * h * phi(2, -2.0 * h)) * d1
-        dw = noise(t, t_next).to(device=x.device, dtype=x.dtype)
-        z = dw / math.sqrt(abs(float(t_next) - float(t)))
-        x_next = x_next + (iv.sigma_t * math.sqrt(one_m_e2h)) * z
+        h, a_t = st.h, st.alpha_t
+        one_m_e2h = -torch.expm1(-2.0 * h)
+        # (sigma_t/sigma_s) e^{-h} and 1 - e^{-2h}: both finite at h = +inf (alpha_s = 0 or sigma_t = 0)
+        decay = torch.exp(st.log_sigma_t - st.log_sigma_s - h)
+        w1 = 0.5 * a_t * one_m_e2h if self.solver_type == "midpoint" else a_t * 2.0 * h * phis(2, -2.0 * h)
+        noise = st.sigma_t * torch.sqrt(one_m_e2h) / torch.sqrt((plan.grid[1:] - plan.grid[:-1]).abs())
+        r0 = ratios(st, plan.nodes.lam, 1)
+        ks = [k for k, _ in multistep_orders(self, plan)]
+        cols = zip(decay.tolist(), (a_t * one_m_e2h).tolist(), r0, w1.tolist(), noise.tolist())
+        return [SDEDPMRow(plan.at(i), ks[i], *r) for i, r in enumerate(cols)]
+
+    def step(self, model, state, c, noise=None):
+        if noise is None:
+            raise ValueError("SDEDPMSolverPP.step needs the Brownian increment")
+        x = state.x
+        m0 = model(x, c.s).x0
+        x_next = c.decay * x + c.b * m0
+        if c.k == 2:
+            d1 = (m0 - state.history[0]) / c.r0
+            x_next = x_next + c.w1 * d1
+        x_next = x_next + c.noise * noise
         return State(x_next, (m0, *state.history)[: self.order - 1])
+
+
+class SDEDPMRow(NamedTuple):
+    s: At  # model evaluation at t_s
+    k: int  # 1 or 2 (warm-up, lower_order_final, singular ends)
+    decay: float  # (sigma_t/sigma_s) e^{-h}
+    b: float  # alpha_t (1 - e^{-2h})
+    r0: float  # h_{i-1} / h
+    w1: float  # weight of D1: 1/2 alpha_t (1 - e^{-2h}) (midpoint) or alpha_t 2h phi_2(-2h) (heun)
+    noise: float  # sigma_t sqrt(1 - e^{-2h}) / sqrt(|t - s|): z = dW / sqrt(|t - s|) scaled

@@ -1,0 +1,100 @@
+"""NaN/Inf detection without a host sync per step: witnesses recorded on the device, checked once.
+
+A *witness* of a tensor is its sum accumulated in float64: it is NaN or infinite exactly when an entry
+is (a float64 sum of float32/float16 values cannot overflow; for float64 states it overflows only for
+entries within ``numel`` of the largest double, which are not a usable state either). Every model
+evaluation and every step's update leave one witness; :meth:`FiniteRecord.check` stacks them and makes
+the solve's one host synchronisation for the check, and only on failure looks further to name the first
+bad step, its time, and whether the model or the update went bad.
+
+``check_finite`` (of ``solve`` and the gradient strategies): ``True`` (default) records and checks once
+after the loop (after the backward pass for the continuous adjoint's own loop); ``"step"`` checks after
+every step (one sync per step: for debugging, the error comes before later steps run); ``False`` turns
+the check off.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .errors import NonFiniteError
+
+__all__ = ["FiniteRecord", "check_finite_mode", "CHECK_FINITE"]
+
+#: accepted values of ``check_finite``
+CHECK_FINITE = (True, "step", False)
+
+
+def check_finite_mode(value):
+    """``value`` if it is one of :data:`CHECK_FINITE`, else ``ValueError``."""
+    if value is True or value is False or (isinstance(value, str) and value == "step"):
+        return value
+    raise ValueError(f"check_finite must be True (check once after the loop), 'step' (check every step) or "
+                     f"False (off), got {value!r}")
+
+
+def _witness(tensors) -> Tensor:
+    w = tensors[0].detach().sum(dtype=torch.float64)
+    for t in tensors[1:]:
+        w = w + t.detach().sum(dtype=torch.float64)
+    return w
+
+
+def _time(t) -> float:
+    return float(getattr(t, "t", t))
+
+
+class FiniteRecord:
+    """Witnesses of one loop: ``calls`` (one ``(witness, t)`` per model evaluation, ``witness=None`` when
+    checking is off: the list also counts NFE) and ``steps`` (one ``(i, t, number of calls so far,
+    witness of the update)`` per step, in the order run)."""
+
+    def __init__(self, mode=True):
+        self.mode = check_finite_mode(mode)
+        self.calls: list = []
+        self.steps: list = []
+        self._checked_calls = 0
+        self._checked_steps = 0
+
+    def model(self, out: Tensor, t) -> None:
+        """Record one model evaluation at time ``t`` (an ``EvalPoint`` or a time tensor)."""
+        self.calls.append((_witness((out,)) if self.mode is not False else None, t))
+
+    def end_step(self, i: int, t: float, *tensors: Tensor) -> None:
+        """Record the update of step ``i`` (its new tensors, at time ``t``); checks now in ``"step"`` mode."""
+        self.steps.append((i, t, len(self.calls), _witness(tensors) if self.mode is not False else None))
+        if self.mode == "step":
+            self._check()
+
+    def check(self, adjoint: bool = False) -> None:
+        """Raise :class:`~adjointflow.errors.NonFiniteError` for the first bad witness (one host sync)."""
+        if self.mode is not False:
+            self._check(adjoint)
+
+    def _check(self, adjoint: bool = False) -> None:
+        calls, steps = self.calls[self._checked_calls:], self.steps[self._checked_steps:]
+        ws = [w for w, _ in calls] + [s[3] for s in steps]
+        self._checked_calls, self._checked_steps = len(self.calls), len(self.steps)
+        if not ws:
+            return
+        finite = torch.isfinite(torch.stack(ws))
+        if bool(finite.all()):
+            return
+        ok = finite.tolist()
+        call_ok, step_ok = ok[: len(ws) - len(steps)], ok[len(ws) - len(steps):]
+        first = len(self.calls) - len(calls)
+        bad_call = next((first + k for k, good in enumerate(call_ok) if not good), None)
+        for k, (i, t, n_calls, _) in enumerate(steps):
+            if bad_call is not None and bad_call < n_calls:
+                tb = _time(self.calls[bad_call][1])
+                where = "in the adjoint pass " if adjoint else ""
+                raise NonFiniteError(f"the model returned NaN/Inf {where}at step {i} (t={tb:.6g})", step=i, t=tb)
+            if not step_ok[k]:
+                if adjoint:
+                    raise NonFiniteError(
+                        f"the adjoint became NaN/Inf at step {i} (t={t:.6g}); with few steps try form='x0' "
+                        "(AdjointDEIS data form) or gradient=Checkpoint()", step=i, t=t)
+                raise NonFiniteError(f"the solver update produced NaN/Inf at step {i} (t={t:.6g})", step=i, t=t)
+        if bad_call is not None:  # an evaluation after the last recorded step
+            tb = _time(self.calls[bad_call][1])
+            raise NonFiniteError(f"the model returned NaN/Inf (t={tb:.6g})", t=tb)
