@@ -116,10 +116,21 @@ def test_bad_run_arguments(method):
         m.run(den, objective, x, cond=torch.zeros(4, 2, dtype=D))
 
 
-def test_methods_are_frozen_and_reusable():
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_methods_are_frozen_and_reusable(method):
+    """Settings cannot be reassigned, a run stores nothing on the method, and a run on another problem in
+    between does not change the answer."""
+    import dataclasses
+
     den, x = setup()
-    m = small(DPS)
-    with pytest.raises(Exception):
+    m = small(method)
+    with pytest.raises(dataclasses.FrozenInstanceError):
         m.steps = 10
-    a, b = m.run(den, objective, x), m.run(den, objective, x)
+    before = {k: id(v) for k, v in vars(m).items()}
+    a = m.run(den, objective, x)
+    m.run(den, lambda x0: ((x0 + 2.0) ** 2).sum(1), 3 * x + 1)
+    b = m.run(den, objective, x)
+    assert {k: id(v) for k, v in vars(m).items()} == before
     torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    torch.testing.assert_close(a.losses, b.losses, rtol=0, atol=0)
+    assert (a.nfe, a.vjps) == (b.nfe, b.vjps)

@@ -165,3 +165,5 @@ def test_dflow_argument_errors():
         DFlow(gradient=af.Backprop)
     with pytest.raises(ValueError, match="iterations"):
         DFlow(iterations=0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        DFlow(lr=0)  # used to pass validation and divide by zero in the first step

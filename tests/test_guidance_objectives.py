@@ -220,3 +220,9 @@ def test_measurement_loss_argument_errors():
         MeasurementLoss(lambda x: x, rand(4), sigma=0.1)
     with pytest.raises(ValueError, match="NaN"):
         MeasurementLoss(op, torch.tensor([math.nan, 0, 0, 0], dtype=D), sigma=0.1)
+    # 1/sigma^2 underflows / overflows: refused at construction, not a math error mid-run
+    for sigma in (1e-300, 1e-160, 1e200):
+        for noise in ("gaussian", "poisson"):
+            with pytest.raises(ValueError, match="sigma.*out of range"):
+                MeasurementLoss(op, rand(4).abs(), sigma=sigma, noise=noise)
+    assert torch.isfinite(MeasurementLoss(op, rand(4), sigma=1e-150)(rand(1, 4))).all()

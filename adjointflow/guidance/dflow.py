@@ -106,6 +106,8 @@ class DFlow:
             check_positive_int(name, getattr(self, name))
         for name in ("lr", "tolerance_grad", "tolerance_change", "reg_weight"):
             check_nonneg_float(name, getattr(self, name))
+        if self.lr == 0:  # L-BFGS would not move (and divides by the step it took)
+            raise ValueError("lr must be > 0, got 0")
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"regularizer must be one of {list(REGULARIZERS)}, got {self.regularizer!r}")
         if self.blend is not None and not (isinstance(self.blend, (int, float)) and 0 <= self.blend <= 1):

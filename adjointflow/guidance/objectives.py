@@ -544,6 +544,10 @@ class MeasurementLoss:
             raise ValueError("y contains NaN/Inf")
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
             raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        # the weight 1/sigma^2 must be a finite, non-zero float64 (1e-300 squared underflows to 0)
+        if not 1e-150 <= sigma <= 1e150:
+            raise ValueError(f"sigma={sigma!r} is out of range: 1/sigma^2 must be a finite, non-zero float64 "
+                             "(sigma between 1e-150 and 1e150)")
         if noise not in NOISE_MODELS:
             raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
         if noise == "poisson" and bool((y < 0).any()):
