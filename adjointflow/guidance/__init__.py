@@ -10,12 +10,13 @@
 * :class:`DiffPIR` -- half-quadratic splitting with the operator's proximal map (Zhu et al. 2023).
 * :class:`FlowDPS` -- likelihood steps on the clean part of the flow step (Kim et al. 2025).
 
-All share ``run(denoiser, objective, x_init, cond=None) -> GuidanceResult``. Objectives are callables
+All share ``run(denoiser, objective, x_init, cond=None) -> GuidanceResult`` and the ``callback`` /
+Ctrl-C / ``progress`` protocol of :mod:`~adjointflow.guidance.base`. Objectives are callables
 ``x0 -> (batch,)`` losses; :mod:`~adjointflow.guidance.objectives` has measurement operators and
 :class:`MeasurementLoss`.
 """
 from .adjoint_guidance import AdjointGuidance
-from .base import GuidanceResult
+from .base import GuidanceResult, GuidanceStep
 from .ddrm import DDRM
 from .dflow import DFlow, chi_regularizer, gaussian_regularizer
 from .diffpir import DiffPIR
@@ -27,7 +28,7 @@ from .objectives import (Downsample, FourierMagnitude, GaussianBlur, Inpaint, Ma
 from .pigdm import PiGDM
 
 __all__ = [
-    "GuidanceResult", "DPS", "FlowChef", "DFlow", "AdjointGuidance", "gaussian_regularizer", "chi_regularizer",
-    "DDRM", "PiGDM", "DiffPIR", "FlowDPS",
+    "GuidanceResult", "GuidanceStep", "DPS", "FlowChef", "DFlow", "AdjointGuidance", "gaussian_regularizer",
+    "chi_regularizer", "DDRM", "PiGDM", "DiffPIR", "FlowDPS",
     "Operator", "Inpaint", "Downsample", "GaussianBlur", "FourierMagnitude", "MatrixOperator", "MeasurementLoss",
 ]

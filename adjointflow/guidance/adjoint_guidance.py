@@ -26,9 +26,9 @@ from ..adjoint.equations import check_params, cond_leaves, default_params, with_
 from ..driver import solve
 from ..solvers.base import Solver
 from ..solvers.ddim import DDIM
-from .base import (Counter, CountedDenoiser, GuidanceResult, Timer, check_nonneg_float, check_positive_int,
-                   check_run_inputs, evaluate_objective, progress_bar, resolve_noise, sampling_grid,
-                   stack_losses)
+from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_discrepancy,
+                   check_nonneg_float, check_positive_int, check_progress, check_run_inputs, discrepancy_target,
+                   evaluate_objective, resolve_noise, sampling_grid, stack_losses)
 
 __all__ = ["AdjointGuidance"]
 
@@ -57,7 +57,14 @@ class AdjointGuidance:
     * ``noise`` -- a :class:`~adjointflow.noise.BrownianNoise` for SDE solvers (default: seeded from torch's
       generator, so ``torch.manual_seed`` reproduces it; reused
       every iteration so the objective is a fixed function).
-    * ``progress = False``.
+    * ``discrepancy = 1.0`` -- with ``optimize=("latent",)``: a sample stops once its loss is at most
+      ``discrepancy * E[L(x_true)]`` (the objective's ``noise_floor``; see :class:`DFlow`) and keeps
+      the latent that met it; the run ends when all have (``stop_reason="discrepancy"``). ``None``: off.
+    * ``progress = None`` -- a bar once the run has lasted a few seconds (``True``/``False``: always/never).
+    * ``callback = None`` -- called after every iteration (and for the final iterate) with a
+      :class:`~adjointflow.guidance.base.GuidanceStep`; a true return value stops the run. Stopped by it
+      or by Ctrl-C, the result is, with ``optimize=("latent",)``, each sample's best iterate so far,
+      else the latest (``cond`` and parameters are left at the latest iterate).
 
     Cost per iteration: one solve (``steps * nfe_per_step`` NFE) plus the strategy's backward pass
     (ContinuousAdjoint: one NFE + one VJP per adjoint evaluation; Checkpoint: the solve's NFE again
@@ -74,7 +81,9 @@ class AdjointGuidance:
     optimizer: str = "adam"
     lr: float = 0.05
     noise: Any = None
-    progress: bool = False
+    discrepancy: float | None = 1.0
+    progress: bool | None = None
+    callback: Any = None
 
     def __post_init__(self):
         if isinstance(self.solver, type) or not isinstance(self.solver, Solver):
@@ -95,6 +104,9 @@ class AdjointGuidance:
             raise TypeError(f"gradient must be an instance, e.g. {self.gradient.__name__}(), not the class")
         if self.gradient is not None and not isinstance(self.gradient, GradientStrategy):
             raise TypeError(f"gradient must be a strategy (ContinuousAdjoint(), Checkpoint(), ...), got {self.gradient!r}")
+        check_discrepancy(self.discrepancy)
+        check_progress(self.progress)
+        check_callback(self.callback)
 
     # --- set-up ---------------------------------------------------------------------------------
     def _leaves(self, denoiser, x_init: Tensor, cond):
@@ -129,7 +141,7 @@ class AdjointGuidance:
         x = solve(den, z, grid, self.solver, cond=cond, gradient=strategy, noise=noise).x
         loss = evaluate_objective(objective, x, where=where)
         grads = torch.autograd.grad(loss.sum(), wrt, allow_unused=True)
-        return loss.detach(), [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+        return x.detach(), loss.detach(), [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
 
     # --- public -----------------------------------------------------------------------------------
     def gradients(self, denoiser, objective, x_init: Tensor, cond=None) -> dict:
@@ -142,7 +154,7 @@ class AdjointGuidance:
         wrt = ([z] if "latent" in self.optimize else []) + cvals + params
         noise = resolve_noise(self.solver, self.noise, x_init, grid)
         with torch.enable_grad():
-            loss, grads = self._loss_and_grads(denoiser, objective, grid, self._strategy(params), noise, z, c, wrt, "")
+            _, loss, grads = self._loss_and_grads(denoiser, objective, grid, self._strategy(params), noise, z, c, wrt, "")
         out = {"loss": loss, "latent": None, "cond": None, "params": None}
         k = 0
         if "latent" in self.optimize:
@@ -166,29 +178,47 @@ class AdjointGuidance:
         wrt = ([z] if "latent" in self.optimize else []) + cvals + params
         opt = (torch.optim.SGD(wrt, lr=self.lr) if self.optimizer == "sgd" else torch.optim.Adam(wrt, lr=self.lr))
         saved = [p.grad for p in params]  # the optimiser reads .grad; the user's are restored afterwards
-        losses = []
-        bar = progress_bar(self.progress, self.iterations, "AdjointGuidance")
-        try:
-            for it in range(self.iterations):
-                with torch.enable_grad():
-                    loss, grads = self._loss_and_grads(den, objective, grid, strategy, noise, z, c, wrt,
-                                                       f"at iteration {it}")
-                for w, g in zip(wrt, grads):
-                    w.grad = g
-                opt.step()
-                losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=float(loss.mean()))
-        finally:
-            for w in wrt:
-                w.grad = None
-            for p, g in zip(params, saved):
-                p.grad = g
-            bar.close()
-        with torch.no_grad():
-            x = solve(den, z.detach(), grid, self.solver, cond=c, noise=noise).x
-            losses.append(evaluate_objective(objective, x, where="at the final sample"))
+        latent_only = self.optimize == ("latent",)
+        # per-sample stopping and best-so-far need samples that do not share what is optimised
+        target = discrepancy_target(objective, x_init, self.discrepancy) if latent_only else None
+        mon = RunMonitor("AdjointGuidance", self.iterations + 1, callback=self.callback, progress=self.progress,
+                         keep_best=latent_only)
+        reason = "completed"
+        with mon:
+            try:
+                for it in range(self.iterations + 1):
+                    last = it == self.iterations  # evaluate the final iterate, no update after it
+                    with torch.set_grad_enabled(not last):
+                        if last:
+                            x = solve(den, z.detach(), grid, self.solver, cond=c, noise=noise).x
+                            loss = evaluate_objective(objective, x, where="at the final sample")
+                        else:
+                            x, loss, grads = self._loss_and_grads(den, objective, grid, strategy, noise, z, c, wrt,
+                                                                  f"at iteration {it}")
+                    if mon.record(it, loss, x, latent=z):
+                        reason = "callback"
+                        break
+                    if mon.meet(loss, target):
+                        reason = "discrepancy"
+                        break
+                    if last:
+                        break
+                    for w, g in zip(wrt, grads):
+                        w.grad = g
+                    frozen = mon.accepted(x_init.shape[0]).to(z.device)
+                    keep = z.detach()[frozen].clone()
+                    opt.step()
+                    if bool(frozen.any()):  # samples at the target stay where they met it
+                        with torch.no_grad():
+                            z[frozen] = keep
+            finally:
+                for w in wrt:
+                    w.grad = None
+                for p, g in zip(params, saved):
+                    p.grad = g
+        x, z_out, last_loss = mon.estimate(z)
         c_out = c
         if cvals:
             c_out = with_cond_leaves(c, keys, [v.detach() for v in cvals])
-        return GuidanceResult(x, z.detach(), stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, c_out)
+        return GuidanceResult(x, z_out.detach(), stack_losses(mon.losses + [last_loss]), counter.nfe, counter.vjps,
+                              timer.seconds, c_out, "interrupted" if mon.interrupted else reason)

@@ -7,6 +7,13 @@ Every method is a frozen dataclass constructible without arguments, with
 Objectives are callables ``objective(x0) -> (batch,)`` (lower is better). An objective whose
 attribute ``time_dependent`` is true is called as ``objective(x0_hat, t)`` by the per-step methods
 (DPS, FlowChef); e.g. an exact Gaussian likelihood ``p(y | x_t)`` whose variance depends on ``t``.
+
+Watching and stopping a run (every method): ``callback(step: GuidanceStep) -> bool | None`` is
+called once per iteration (a sampling step, or an objective evaluation of a latent optimiser) with
+the loss per sample and the current clean estimate; returning a true value stops the run, which
+then returns its result so far (``stop_reason="callback"``). Ctrl-C (``KeyboardInterrupt``) does the
+same with ``interrupted=True``: latent optimisers return the best recorded estimate per sample,
+samplers the latest clean estimate. :class:`RunMonitor` implements this once for all methods.
 """
 from __future__ import annotations
 
@@ -23,8 +30,15 @@ from ..errors import NonFiniteError
 from ..grids import timesteps, validate_grid
 from ..models import Denoiser
 
-__all__ = ["GuidanceResult", "Counter", "CountedDenoiser", "evaluate_objective", "check_run_inputs", "sampling_grid",
-           "resolve_noise", "progress_bar", "Timer"]
+__all__ = ["GuidanceResult", "GuidanceStep", "RunMonitor", "STOP_REASONS", "Counter", "CountedDenoiser",
+           "evaluate_objective", "check_run_inputs", "sampling_grid", "resolve_noise", "progress_bar", "Timer",
+           "check_callback", "check_progress", "check_discrepancy", "discrepancy_target"]
+
+#: why a run ended: it ran its budget, L-BFGS converged, every sample fit the data to the noise
+#: level (discrepancy principle), the callback asked to stop, or Ctrl-C
+STOP_REASONS = ("completed", "converged", "discrepancy", "callback", "interrupted")
+#: ``progress=None`` shows a bar only once a run has lasted this many seconds
+PROGRESS_DELAY_S = 3.0
 
 
 @dataclass
@@ -41,6 +55,8 @@ class GuidanceResult:
     * ``vjps``: vector-Jacobian products through the network (backward passes through a network call).
     * ``seconds``: wall time of the run.
     * ``cond``: the (optimised) conditioning, where a method optimises it (else the given one).
+    * ``stop_reason``: one of :data:`STOP_REASONS`; ``interrupted``: the run was stopped by Ctrl-C
+      and ``x`` is the result so far (see the module docstring).
     """
 
     x: Tensor
@@ -50,6 +66,148 @@ class GuidanceResult:
     vjps: int
     seconds: float
     cond: Any = None
+    stop_reason: str = "completed"
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason == "interrupted"
+
+
+@dataclass(frozen=True)
+class GuidanceStep:
+    """What a guidance ``callback`` sees after each iteration (all tensors detached).
+
+    * ``method``: the class name (``"DPS"``, ``"DFlow"``, ...).
+    * ``iteration``: 0-based; a sampling step (DPS, FlowChef, ...) or an objective evaluation
+      (DFlow's L-BFGS evaluations, AdjointGuidance's iterations).
+    * ``total``: the planned number of iterations (an upper bound for early-stopping methods).
+    * ``loss``: ``(batch,)`` float64 objective at ``x0``.
+    * ``x0``: the current clean estimate, shaped like ``x_init``.
+    * ``t``: the sampling time of the step for per-step methods, ``None`` for latent optimisers.
+    """
+
+    method: str
+    iteration: int
+    total: int
+    loss: Tensor
+    x0: Tensor
+    t: float | None = None
+
+
+def check_callback(callback) -> None:
+    if callback is not None and (isinstance(callback, type) or not callable(callback)):
+        raise TypeError(f"callback must be None or a callable taking a GuidanceStep, got {callback!r}")
+
+
+def check_progress(progress) -> None:
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be None (a bar after {PROGRESS_DELAY_S:g} s), True or False, got {progress!r}")
+
+
+class RunMonitor:
+    """The per-run loop bookkeeping every guidance method shares: loss records, the progress bar,
+    the user's ``callback``, the best (or latest) estimate per sample, and Ctrl-C.
+
+    Use as a context manager around the iterations; it swallows ``KeyboardInterrupt`` once at least
+    one iteration was recorded (``interrupted`` is then true) and re-raises it otherwise::
+
+        with RunMonitor("DPS", total, callback=cb, progress=p) as mon:
+            for i in range(total):
+                ...
+                if mon.record(i, loss, x0_hat, t=t):
+                    break
+        if mon.interrupted or mon.stopped: x, latent, loss = mon.estimate(x_init)
+
+    ``keep_best=True`` (latent optimisers) keeps, per sample, the record with the lowest loss (or the
+    one passed to :meth:`accept`, e.g. by the discrepancy principle); ``False`` (samplers) the latest.
+    """
+
+    def __init__(self, method: str, total: int, *, callback=None, progress: bool | None = None,
+                 keep_best: bool = False):
+        self.method, self.total, self.callback, self.keep_best = method, int(total), callback, keep_best
+        self.losses: list[Tensor] = []
+        self.interrupted = False
+        self.stopped = False  # by the callback
+        self._x0 = self._latent = self._loss = None
+        self._accepted: Tensor | None = None
+        self._bar = progress_bar(progress, self.total, method)
+
+    def __enter__(self) -> "RunMonitor":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._bar.close()
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and self._x0 is not None:
+            self.interrupted = True
+            return True  # the run returns what it has
+        return False
+
+    def record(self, iteration: int, loss: Tensor, x0: Tensor, *, t=None, latent: Tensor | None = None,
+               score: Tensor | None = None) -> bool:
+        """Record one iteration's ``loss`` ``(batch,)`` at the clean estimate ``x0`` (and the ``latent``
+        that produced it; ``score``: what "best" minimises, default ``loss``); update the bar; call the
+        callback. Returns True if the callback asked to stop."""
+        loss = loss.detach().to(torch.float64).cpu()
+        x0 = x0.detach()
+        self.losses.append(loss)
+        self._keep(loss, loss if score is None else score.detach().to(torch.float64).cpu(), x0,
+                   None if latent is None else latent.detach())
+        # refresh=False: an explicit refresh would show a delayed (progress=None) bar at once
+        self._bar.set_postfix(loss=float(loss.mean()), refresh=False)
+        self._bar.update(1)
+        if self.callback is not None:
+            step = GuidanceStep(self.method, int(iteration), self.total, loss, x0, None if t is None else float(t))
+            if self.callback(step):
+                self.stopped = True
+        return self.stopped
+
+    def _keep(self, loss, score, x0, latent) -> None:
+        if self._x0 is None or not self.keep_best:
+            self._loss, self._score, self._x0 = loss.clone(), score.clone(), x0.clone()
+            self._latent = None if latent is None else latent.clone()
+            return
+        better = score < self._score
+        if self._accepted is not None:
+            better &= ~self._accepted
+        if bool(better.any()):
+            self._loss = torch.where(better, loss, self._loss)
+            self._score = torch.where(better, score, self._score)
+            m = better.to(x0.device).reshape(-1, *([1] * (x0.ndim - 1)))
+            self._x0 = torch.where(m, x0, self._x0)
+            if latent is not None and self._latent is not None:
+                self._latent = torch.where(m.to(latent.device), latent, self._latent)
+
+    def accept(self, mask: Tensor) -> None:
+        """Freeze the samples in ``mask`` (``(batch,)`` bool) at their latest record: later records do
+        not replace it. (Called right after the record that met the stopping rule; with
+        ``keep_best`` that record is also the best so far, as every earlier one missed the rule.)"""
+        mask = mask.detach().cpu()
+        self._accepted = mask.clone() if self._accepted is None else self._accepted | mask
+
+    def meet(self, loss: Tensor, target: Tensor | None) -> bool:
+        """Stopping rule per sample: :meth:`accept` the samples whose latest ``loss`` is at most
+        ``target`` (``(batch,)``; ``None``: no rule). Returns True once every sample is accepted."""
+        if target is None:
+            return False
+        batch = loss.shape[0]
+        met = (loss.detach().cpu() <= target) & ~self.accepted(batch)
+        if bool(met.any()):
+            self.accept(met)
+        return bool(self.accepted(batch).all())
+
+    def accepted(self, batch: int) -> Tensor:
+        """``(batch,)`` bool: the samples frozen by :meth:`accept`."""
+        return self._accepted if self._accepted is not None else torch.zeros(batch, dtype=torch.bool)
+
+    def estimate(self, fallback_latent: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x0, latent, loss)`` kept so far (best or latest per sample); ``fallback_latent`` where no
+        latent was recorded (samplers: ``x_init``)."""
+        latent = self._latent if self._latent is not None else fallback_latent.detach()
+        return self._x0, latent, self._loss
+
+    @property
+    def stop_reason(self) -> str:
+        return "interrupted" if self.interrupted else "callback" if self.stopped else "completed"
 
 
 # --- exact NFE / VJP counting -----------------------------------------------------------------
@@ -168,13 +326,32 @@ def resolve_noise(solver, noise, x: Tensor, grid: Tensor):
     return _resolve(solver, noise, x, grid, name="x_init")
 
 
-def progress_bar(enabled: bool, total: int, desc: str):
-    """A tqdm bar, or a no-op stand-in when ``enabled`` is false."""
-    if not enabled:
+def discrepancy_target(objective, x: Tensor, tau) -> Tensor | None:
+    """Morozov's discrepancy principle: stop fitting a sample once its loss is at most
+    ``tau * E[L(x_true)]``, the loss the measurement noise alone produces (for
+    :class:`~adjointflow.guidance.MeasurementLoss`, ``m/2`` with ``m`` entries per measurement: its
+    :meth:`noise_floor`). Returns the ``(batch,)`` float64 target, or ``None`` (no rule) when ``tau``
+    is ``None`` or the objective does not know its noise level."""
+    floor = getattr(objective, "noise_floor", None)
+    if tau is None or floor is None:
+        return None
+    with torch.no_grad():
+        return float(tau) * floor(x.detach()).detach().to(torch.float64).cpu()
+
+
+def check_discrepancy(tau) -> None:
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (0 < tau < float("inf"))):
+        raise ValueError(f"discrepancy must be None or a positive number (the factor tau), got {tau!r}")
+
+
+def progress_bar(enabled: bool | None, total: int, desc: str):
+    """A tqdm bar (``enabled=None``: shown only once the run has lasted :data:`PROGRESS_DELAY_S`),
+    or a no-op stand-in when ``enabled`` is false."""
+    if enabled is False:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, delay=PROGRESS_DELAY_S if enabled is None else 0.0)
 
 
 class _NoBar:

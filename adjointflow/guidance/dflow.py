@@ -34,8 +34,9 @@ from ..driver import solve
 from ..errors import NonFiniteError
 from ..solvers.base import Solver
 from ..solvers.heun import Heun
-from .base import (Counter, CountedDenoiser, GuidanceResult, Timer, check_nonneg_float, check_positive_int,
-                   check_run_inputs, evaluate_objective, progress_bar, sampling_grid, stack_losses)
+from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_discrepancy,
+                   check_nonneg_float, check_positive_int, check_progress, check_run_inputs, discrepancy_target,
+                   evaluate_objective, sampling_grid, stack_losses)
 from .objectives import MeasurementLoss
 
 __all__ = ["DFlow", "gaussian_regularizer", "chi_regularizer", "REGULARIZERS"]
@@ -76,10 +77,19 @@ class DFlow:
       with ``"chi"``).
     * ``blend = None`` -- e.g. 0.1 (PnP-Flow; FlowChef's latent re-implementation); needs a
       :class:`MeasurementLoss` with a linear operator (its pseudo-inverse).
-    * ``progress = False``.
+    * ``discrepancy = 1.0`` -- Morozov's discrepancy principle: a sample stops once its data loss is at
+      most ``discrepancy * E[L(x_true)]`` (``m/2`` for a :class:`MeasurementLoss` with ``m`` measured
+      entries, its ``noise_floor``): fitting further explains noise. Samples that meet it keep the
+      latent that met it, L-BFGS restarts on the rest, and the run ends when all have met it
+      (``stop_reason="discrepancy"``). ``None`` (or an objective without ``noise_floor``) turns it off.
+    * ``progress = None`` -- a bar once the run has lasted a few seconds (``True``/``False``: always/never).
+    * ``callback = None`` -- called after every objective evaluation with a
+      :class:`~adjointflow.guidance.base.GuidanceStep`; a true return value stops the run. Stopped by it
+      or by Ctrl-C, the result is each sample's best evaluation so far (lowest data + regulariser).
 
     The loss summed over the batch is minimised jointly (samples stay independent in value, but share
-    L-BFGS's line search). NFE per objective evaluation = one solve (+ recomputation by Checkpoint).
+    L-BFGS's line search). NFE per objective evaluation = one solve (+ recomputation by Checkpoint);
+    the result is each sample's best evaluated latent, so no extra solve follows the optimisation.
     """
 
     solver: Solver = field(default_factory=Heun)
@@ -95,7 +105,9 @@ class DFlow:
     regularizer: str | None = None
     reg_weight: float = 1.0
     blend: float | None = None
-    progress: bool = False
+    discrepancy: float | None = 1.0
+    progress: bool | None = None
+    callback: Any = None
 
     def __post_init__(self):
         if isinstance(self.solver, type) or not isinstance(self.solver, Solver):
@@ -114,6 +126,9 @@ class DFlow:
             raise ValueError(f"blend must be None or a number in [0, 1], got {self.blend!r}")
         if isinstance(self.gradient, type):
             raise TypeError(f"gradient must be an instance, e.g. {self.gradient.__name__}(), not the class")
+        check_discrepancy(self.discrepancy)
+        check_progress(self.progress)
+        check_callback(self.callback)
 
     def initial_latent(self, denoiser, objective, x_init: Tensor, cond=None) -> Tensor:
         """The latent the optimisation starts from: ``x_init``, or with ``blend = b``,
@@ -149,38 +164,59 @@ class DFlow:
         reg = REGULARIZERS[self.regularizer]
         cond_d = None if cond is None else (cond.detach() if isinstance(cond, Tensor) else cond)
         z = self._init_latent(den, objective, x_init, grid, cond_d).requires_grad_(True)
-        opt = torch.optim.LBFGS([z], lr=self.lr, max_iter=self.max_iter, history_size=self.history_size,
-                                tolerance_grad=self.tolerance_grad, tolerance_change=self.tolerance_change,
-                                line_search_fn="strong_wolfe")
-        losses = []
+        target = discrepancy_target(objective, x_init, self.discrepancy)
+        batch = x_init.shape[0]
+        fitting = torch.ones(batch, dtype=torch.bool)  # samples still optimised (not yet at the target)
+        max_eval = self.max_iter * 5 // 4  # torch's L-BFGS default per step
+        mon = RunMonitor("DFlow", self.iterations * max_eval, callback=self.callback, progress=self.progress,
+                         keep_best=True)
 
         def closure():
-            opt.zero_grad()
             x = solve(den, z, grid, self.solver, cond=cond_d, gradient=gradient).x
-            data = evaluate_objective(objective, x, where=f"at L-BFGS evaluation {len(losses)}")
-            total = data.sum()
-            if reg is not None:
-                total = total + self.reg_weight * reg(z).sum()
-            if not bool(torch.isfinite(total)):
+            data = evaluate_objective(objective, x, where=f"at L-BFGS evaluation {len(mon.losses)}")
+            per = data if reg is None else data + self.reg_weight * reg(z)
+            if not bool(torch.isfinite(per).all()):
                 raise NonFiniteError("the D-Flow regulariser is not finite (||z|| = 0 with 'chi'?)")
+            total = (per * fitting.to(per.device, per.dtype)).sum()
             # only the latent's gradient: nothing accumulates in the network's .grad
             (z.grad,) = torch.autograd.grad(total, z)
-            losses.append(data.detach())
+            if mon.record(len(mon.losses), data, x, latent=z, score=per):
+                raise _Stop("callback")
+            if mon.meet(data, target):
+                raise _Stop("discrepancy")
             return total
 
-        bar = progress_bar(self.progress, self.iterations, "D-Flow")
-        try:
+        reason = "completed"
+        with mon:
             for _ in range(self.iterations):
-                before = len(losses)
-                opt.step(closure)
-                bar.update(1)
-                bar.set_postfix(loss=float(losses[-1].mean()))
-                if len(losses) - before <= 1:  # converged: L-BFGS stopped at its first evaluation
+                opt = torch.optim.LBFGS([z], lr=self.lr, max_iter=self.max_iter, max_eval=max_eval,
+                                        history_size=self.history_size, tolerance_grad=self.tolerance_grad,
+                                        tolerance_change=self.tolerance_change, line_search_fn="strong_wolfe")
+                before = len(mon.losses)
+                try:
+                    opt.step(closure)
+                except _Stop as stop:
+                    reason = stop.reason
                     break
-        finally:
-            bar.close()
-        z = z.detach()
-        with torch.no_grad():
-            x = solve(den, z, grid, self.solver, cond=cond_d).x
-            losses.append(evaluate_objective(objective, x, where="at the final sample"))
-        return GuidanceResult(x, z, stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, cond)
+                done = mon.accepted(batch)
+                if bool((done & fitting).any()):
+                    # freeze the samples that met the target at the latent that met it, and restart
+                    # L-BFGS on the rest (its curvature pairs mix samples, so no stale history)
+                    with torch.no_grad():
+                        z[done.to(z.device)] = mon.estimate(z)[1][done.to(z.device)].to(z.dtype)
+                    fitting = ~done
+                elif len(mon.losses) - before <= 1:  # converged: L-BFGS stopped at its first evaluation
+                    reason = "converged"
+                    break
+        x, latent, last = mon.estimate(x_init)
+        losses = mon.losses + [last]
+        return GuidanceResult(x, latent, stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, cond,
+                              "interrupted" if mon.interrupted else reason)
+
+
+class _Stop(Exception):
+    """Ends the L-BFGS step from inside its closure."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

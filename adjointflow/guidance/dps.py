@@ -33,9 +33,9 @@ from ..errors import NonFiniteError
 from ..models import Prediction
 from ..solvers.base import Solver, State
 from ..solvers.euler import Euler
-from .base import (Counter, CountedDenoiser, GuidanceResult, Timer, check_nonneg_float, check_positive_int,
-                   check_run_inputs, evaluate_objective, progress_bar, resolve_noise, sampling_grid,
-                   stack_losses)
+from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_nonneg_float,
+                   check_positive_int, check_progress, check_run_inputs, evaluate_objective, resolve_noise,
+                   sampling_grid, stack_losses)
 
 __all__ = ["DPS"]
 
@@ -77,7 +77,11 @@ class DPS:
     * ``rule = "dps"`` -- see the module docstring.
     * ``noise`` -- a :class:`~adjointflow.noise.BrownianNoise` for stochastic solvers (default: seeded from
       torch's generator, so ``torch.manual_seed`` reproduces it).
-    * ``progress = False`` -- show a progress bar.
+    * ``progress = None`` -- a progress bar once the run has lasted a few seconds (``True``: always,
+      ``False``: never).
+    * ``callback = None`` -- called after every step with a :class:`~adjointflow.guidance.base.GuidanceStep`
+      (loss and clean estimate ``x0_hat``); returning a true value stops the run. Stopped early or
+      by Ctrl-C, the result is the latest clean estimate (``GuidanceResult.stop_reason``).
 
     Cost: the solver's NFE plus one VJP through the network per step.
     """
@@ -88,7 +92,8 @@ class DPS:
     rule: str = "dps"
     grid: Any = None
     noise: Any = None
-    progress: bool = False
+    progress: bool | None = None
+    callback: Any = None
 
     def __post_init__(self):
         if isinstance(self.solver, type) or not isinstance(self.solver, Solver):
@@ -97,6 +102,8 @@ class DPS:
         check_nonneg_float("scale", self.scale)
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        check_progress(self.progress)
+        check_callback(self.callback)
 
     def _weight(self, schedule, t: Tensor, t_next: Tensor) -> float:
         if self.rule == "dps":
@@ -127,9 +134,8 @@ class DPS:
         bound = solver.plan(denoiser.schedule, grid).bind(denoiser, x_init)
         weights = [self._weight(denoiser.schedule, grid[i], grid[i + 1]) for i in range(len(grid) - 1)]
 
-        losses = []
-        bar = progress_bar(self.progress, len(grid) - 1, "DPS")
-        try:
+        mon = RunMonitor("DPS", len(grid) - 1, callback=self.callback, progress=self.progress)
+        with mon:
             with torch.no_grad():
                 state = solver.init(model, x_init.detach(), grid)
             for i in range(len(grid) - 1):
@@ -149,13 +155,15 @@ class DPS:
                     raise NonFiniteError(f"the DPS update produced NaN/Inf at step {i} (t={float(t):.6g}); "
                                          "try a smaller scale", step=i, t=float(t))
                 state = new.with_x(x_next)
-                losses.append(loss.detach())
-                bar.update(1)
-                bar.set_postfix(loss=float(loss.detach().mean()))
-        finally:
-            bar.close()
-        x_final = state.x.detach()
-        with torch.no_grad():
-            losses.append(evaluate_objective(objective, x_final, grid[-1], where="at the final sample"))
+                if mon.record(i, loss, x0, t=t):
+                    break
+        losses = mon.losses
+        if mon.interrupted or mon.stopped:  # the clean estimate of the last step reached
+            x_final, _, last = mon.estimate(x_init)
+            losses.append(last)
+        else:
+            x_final = state.x.detach()
+            with torch.no_grad():
+                losses.append(evaluate_objective(objective, x_final, grid[-1], where="at the final sample"))
         return GuidanceResult(x_final, x_init.detach(), stack_losses(losses), counter.nfe, counter.vjps,
-                              timer.seconds, cond)
+                              timer.seconds, cond, mon.stop_reason)

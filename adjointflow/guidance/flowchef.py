@@ -25,8 +25,9 @@ from torch import Tensor
 
 from ..driver import ModelCall
 from ..errors import NonFiniteError
-from .base import (Counter, CountedDenoiser, GuidanceResult, Timer, check_nonneg_float, check_positive_int,
-                   check_run_inputs, evaluate_objective, progress_bar, sampling_grid, stack_losses)
+from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_nonneg_float,
+                   check_positive_int, check_progress, check_run_inputs, evaluate_objective, sampling_grid,
+                   stack_losses)
 
 __all__ = ["FlowChef"]
 
@@ -51,7 +52,11 @@ class FlowChef:
     * ``window = (0.0, 1.0)`` -- guide only while ``window[0] <= t <= window[1]`` (the official code
       stops guiding after ``max_steps`` steps).
     * ``betas = (0.9, 0.999)``, ``eps = 1e-8`` -- Adam's (torch defaults).
-    * ``progress = False``.
+    * ``progress = None`` -- a progress bar once the run has lasted a few seconds (``True``/``False``:
+      always/never).
+    * ``callback = None`` -- called after every step with a :class:`~adjointflow.guidance.base.GuidanceStep`
+      (loss at the clean estimate before the step's update); a true return value stops the run.
+      Stopped early or by Ctrl-C, the result is the latest clean estimate.
 
     Cost: ``steps`` NFE, zero VJPs through the network (only through the objective).
     """
@@ -64,7 +69,8 @@ class FlowChef:
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     grid: Any = None
-    progress: bool = False
+    progress: bool | None = None
+    callback: Any = None
 
     def __post_init__(self):
         check_positive_int("steps", self.steps)
@@ -80,6 +86,8 @@ class FlowChef:
         if not (isinstance(b, (tuple, list)) and len(b) == 2 and all(0 <= v < 1 for v in b)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {b!r}")
         check_nonneg_float("eps", self.eps)
+        check_progress(self.progress)
+        check_callback(self.callback)
 
     def _descend(self, objective, x: Tensor, x0: Tensor, c: Tensor, t, i: int):
         """``iterations`` optimiser steps on ``x_t``; returns the new ``x_t`` and the first loss."""
@@ -110,30 +118,37 @@ class FlowChef:
         model = ModelCall(CountedDenoiser(denoiser, counter), cond)
         sch = denoiser.schedule
         x = x_init.detach()
-        losses = []
-        bar = progress_bar(self.progress, len(grid) - 1, "FlowChef")
-        try:
+        mon = RunMonitor("FlowChef", len(grid) - 1, callback=self.callback, progress=self.progress)
+        with mon:
             for i in range(len(grid) - 1):
                 t, t_next = grid[i], grid[i + 1]
                 model.step = i
                 with torch.no_grad():
                     pred = model(x, t)
                     u = pred.velocity
+                x0 = pred.x0.detach()
                 if self.window[0] <= float(t) <= self.window[1]:
                     a, s = _coeff(sch.alpha(t), x), _coeff(sch.sigma(t), x)
                     da, ds = _coeff(sch.dalpha_dt(t), x), _coeff(sch.dsigma_dt(t), x)
                     # d x0_hat / d x_t with u frozen, from x = a x0 + s eps and u = a' x0 + s' eps
                     c = ds / (a * ds - s * da)
-                    x, loss = self._descend(objective, x, pred.x0.detach(), c, t, i)
-                    losses.append(loss)
+                    x, loss = self._descend(objective, x, x0, c, t, i)
+                else:
+                    with torch.no_grad():
+                        loss = evaluate_objective(objective, x0, t, where=f"at step {i} (t={float(t):.6g})")
                 with torch.no_grad():
                     x = x + _coeff(t_next - t, x) * u
                 if not bool(torch.isfinite(x).all()):
                     raise NonFiniteError(f"the FlowChef update produced NaN/Inf at step {i} (t={float(t):.6g}); "
                                          "try a smaller lr", step=i, t=float(t))
-                bar.update(1)
-        finally:
-            bar.close()
-        with torch.no_grad():
-            losses.append(evaluate_objective(objective, x, grid[-1], where="at the final sample"))
-        return GuidanceResult(x, x_init.detach(), stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, cond)
+                if mon.record(i, loss, x0, t=t):
+                    break
+        losses = mon.losses
+        if mon.interrupted or mon.stopped:
+            x, _, last = mon.estimate(x_init)
+            losses.append(last)
+        else:
+            with torch.no_grad():
+                losses.append(evaluate_objective(objective, x, grid[-1], where="at the final sample"))
+        return GuidanceResult(x, x_init.detach(), stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, cond,
+                              mon.stop_reason)

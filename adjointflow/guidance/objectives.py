@@ -584,6 +584,14 @@ class MeasurementLoss:
         r = y - ax
         return 0.5 * (self._weights(y) * r * r).reshape(r.shape[0], -1).sum(1)
 
+    def noise_floor(self, x0: Tensor) -> Tensor:
+        """``(batch,)``: the expected loss at the true signal, ``E[L(x_true)] = m/2`` for ``m``
+        measured entries per sample (exact for Gaussian noise, approximate for the Poisson
+        surrogate). A fit below it explains noise; guidance stops there by the discrepancy principle."""
+        ax = self.operator(x0)
+        m = self._y_like(ax)[0].numel()
+        return torch.full((x0.shape[0],), 0.5 * m, dtype=torch.float64)
+
     def residual_norm(self, x0: Tensor) -> Tensor:
         """``sigma sqrt(2 L(x0))``: ``||y - A(x0)||`` for Gaussian noise, its noise-weighted
         analogue for Poisson. Its gradient is taken as 0 where the residual vanishes."""
