@@ -6,6 +6,7 @@ the same start latents. A method that is not in the package yet is listed as "no
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -117,13 +118,11 @@ def method_factories(guidance_steps: int = 50, dflow_iterations: int = 6, adjoin
 
 def _compact(obj) -> str:
     """``Name(field=value, ...)`` listing only the fields that differ from their defaults."""
-    import dataclasses
-
     if not dataclasses.is_dataclass(obj):
         return repr(obj)
     keep = []
     for f in dataclasses.fields(obj):
-        if f.name in ("progress", "noise", "params") or not f.init:
+        if f.name in ("progress", "callback", "noise", "params") or not f.init:
             continue
         v = getattr(obj, f.name)
         if f.name == "grid":
@@ -165,6 +164,8 @@ def solve_inverse_problems(den: Denoiser, tasks: list[Task], factories: dict, x_
     for task, name, factory in bar:
         bar.set_postfix_str(f"{name} / {task.name}")
         method = factory()
+        if hasattr(method, "progress"):  # the demo shows its own bar
+            method = dataclasses.replace(method, progress=False)
         objective = MeasurementLoss(task.operator, task.y, sigma_y)
         try:
             t0 = time.perf_counter()
