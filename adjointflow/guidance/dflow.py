@@ -88,8 +88,8 @@ class DFlow:
       or by Ctrl-C, the result is each sample's best evaluation so far (lowest data + regulariser).
 
     The loss summed over the batch is minimised jointly (samples stay independent in value, but share
-    L-BFGS's line search). NFE per objective evaluation = one solve (+ recomputation by Checkpoint);
-    the result is each sample's best evaluated latent, so no extra solve follows the optimisation.
+    L-BFGS's line search). NFE per objective evaluation = one solve (+ recomputation by Checkpoint),
+    plus one solve of the final latent.
     """
 
     solver: Solver = field(default_factory=Heun)
@@ -208,9 +208,16 @@ class DFlow:
                 elif len(mon.losses) - before <= 1:  # converged: L-BFGS stopped at its first evaluation
                     reason = "converged"
                     break
-        x, latent, last = mon.estimate(x_init)
-        losses = mon.losses + [last]
-        return GuidanceResult(x, latent, stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, cond,
+        if mon.interrupted or reason == "callback":  # each sample's best evaluation so far
+            x, z, last = mon.estimate(x_init)
+        else:  # the optimiser's final latent, with the samples that met the target at the latent that met it
+            z = z.detach()
+            done = mon.accepted(batch).to(z.device)
+            z[done] = mon.estimate(z)[1][done].to(z.dtype)
+            with torch.no_grad():
+                x = solve(den, z, grid, self.solver, cond=cond_d).x
+                last = evaluate_objective(objective, x, where="at the final sample")
+        return GuidanceResult(x, z, stack_losses(mon.losses + [last]), counter.nfe, counter.vjps, timer.seconds, cond,
                               "interrupted" if mon.interrupted else reason)
 
 
