@@ -10,7 +10,7 @@ from torch import Tensor
 from .finite import FiniteRecord, check_finite_mode
 from .grids import validate_grid
 from .models import Denoiser, EvalPoint, Prediction
-from .plan import BoundPlan
+from .plan import BoundPlan, bound_plan
 from .schedules import as_time
 from .solvers.base import Solver, State
 
@@ -92,8 +92,7 @@ class Problem:
 
     def __post_init__(self):
         if self.bound is None:
-            self.bound = self.solver.plan(self.denoiser.schedule, self.grid).bind(self.denoiser, self.x,
-                                                                                   tensors=self.compile)
+            self.bound = bound_plan(self.solver, self.denoiser, self.grid, self.x)
 
     def model(self) -> ModelCall:
         return ModelCall(self.denoiser, self.cond, self.check_finite)

@@ -1,8 +1,9 @@
 """NaN/Inf detection without a host sync per step: witnesses recorded on the device, checked once.
 
-A *witness* of a tensor is its sum accumulated in float64: it is NaN or infinite exactly when an entry
-is (a float64 sum of float32/float16 values cannot overflow; for float64 states it overflows only for
-entries within ``numel`` of the largest double, which are not a usable state either). Every model
+A *witness* of a tensor is its sum (accumulated in float32 for half-precision tensors): it is NaN or
+infinite when an entry is; it could also overflow for finite entries whose sum exceeds the dtype's range
+(``|x| ~ 1e35`` for float32, ``1e305`` for float64), which are not a usable state either. One reduction
+per tensor is the cheapest exact-enough check (``isfinite(x).all()`` costs two kernels and a bool tensor). Every model
 evaluation and every step's update leave one witness; :meth:`FiniteRecord.check` stacks them and makes
 the solve's one host synchronisation for the check, and only on failure looks further to name the first
 bad step, its time, and whether the model or the update went bad.
@@ -33,10 +34,20 @@ def check_finite_mode(value):
                      f"False (off), got {value!r}")
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sum(t: Tensor) -> Tensor:
+    if t.requires_grad:
+        t = t.detach()
+    # half precision would overflow the sum long before the entries overflow; float32/64 sum natively
+    return t.sum(dtype=torch.float32) if t.dtype in _HALF else t.sum()
+
+
 def _witness(tensors) -> Tensor:
-    w = tensors[0].detach().sum(dtype=torch.float64)
+    w = _sum(tensors[0])
     for t in tensors[1:]:
-        w = w + t.detach().sum(dtype=torch.float64)
+        w = w + _sum(t)
     return w
 
 

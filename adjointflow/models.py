@@ -139,31 +139,33 @@ def singular_conversion_message(kind: str, target: str, t: float, alpha: float, 
 class Conversion:
     """The conversions of one model output at one time: ``target = p x + q raw`` for every target type.
 
-    ``pq[target]`` is ``(p, q)`` (Python floats, or 0-dim tensors for compiled steps), ``(None, q)``
+    ``pq[target]`` is ``(p, q)`` (0-dim tensors of the state's dtype and device), ``(None, q)``
     where ``p = 0``, or ``None`` where the conversion is not finite at this time (a singular end:
     :meth:`apply` raises ``ValueError`` saying why). ``where = (t, alpha, sigma)`` names the time.
-    Built once per solve by :class:`~adjointflow.plan.Plan` from float64 schedule values.
+    Built once per solve by :class:`~adjointflow.plan.Plan` from float64 schedule values, for the targets
+    solvers read (``x0``, ``eps``, ``velocity``); :meth:`apply` returns ``None`` for another target, which
+    :class:`Prediction` then converts from ``schedule``.
     """
 
-    __slots__ = ("kind", "pq", "where")
+    __slots__ = ("kind", "pq", "where", "schedule")
 
-    def __init__(self, kind: str, pq: dict, where: tuple):
-        self.kind, self.pq, self.where = kind, pq, where
+    def __init__(self, kind: str, pq: dict, where: tuple, schedule=None):
+        self.kind, self.pq, self.where, self.schedule = kind, pq, where, schedule
 
     def apply(self, target: str, x: Tensor, raw: Tensor) -> Tensor:
         if target == self.kind:
             return raw
         if target not in PREDICTIONS:
             raise ValueError(f"unknown prediction type {target!r}; choose one of {PREDICTIONS}")
-        pq = self.pq[target]
+        pq = self.pq.get(target, False)
+        if pq is False:
+            return None  # not planned: the caller converts from the schedule
         if pq is None:
             raise ValueError(singular_conversion_message(self.kind, target, *self.where))
         p, q = pq
         if p is None:
             return raw * q
-        if isinstance(p, float):
-            return torch.add(raw * q, x, alpha=p)
-        return x * p + raw * q
+        return torch.addcmul(raw * q, p, x)
 
 
 class EvalPoint:
@@ -204,7 +206,7 @@ class Prediction:
         if isinstance(self.source, Coefficients):
             return self.source
         if isinstance(self.source, Conversion):
-            raise TypeError("this prediction carries precomputed conversions, not Coefficients; use .source")
+            return Coefficients.at(self.source.schedule, self.t.t, self.x)
         return Coefficients.at(self.source, self.t, self.x)
 
     def as_(self, target: str) -> Tensor:
@@ -213,9 +215,8 @@ class Prediction:
             return self.raw
         out = self._cache.get(target)
         if out is None:
-            if isinstance(self.source, Conversion):
-                out = self.source.apply(target, self.x, self.raw)
-            else:
+            out = self.source.apply(target, self.x, self.raw) if isinstance(self.source, Conversion) else None
+            if out is None:
                 out = convert(self.raw, self.kind, target, self.x, self.coeffs)
             self._cache[target] = out
         return out
@@ -320,12 +321,16 @@ class Denoiser(nn.Module):
     def raw(self, x: Tensor, t, cond=None) -> Tensor:
         """The network output at ``(x, t)`` in this denoiser's prediction type and our time convention."""
         tn = self.network_time(t, x)
+        version = tn._version
         if cond is None:
             out = self.net(x, tn)
         elif isinstance(cond, Mapping):
             out = self.net(x, tn, **cond)
         else:
             out = self.net(x, tn, cond)
+        if tn._version != version:
+            # the time tensors of a solve are planned once and reused: an in-place change would leak into later calls
+            raise ValueError("the network modified its time input in place; use out-of-place ops on t (t = t * c)")
         if not isinstance(out, Tensor):
             # diffusers models return an output object with .sample
             out = getattr(out, "sample", out)

@@ -14,16 +14,19 @@ before the loop. See ``notes/PLAN_API.md`` in the repository's notes for a worke
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .models import PREDICTIONS, Conversion, EvalPoint, affine_coefficients
+from .models import Conversion, EvalPoint, affine_coefficients
 from .schedules import NoiseSchedule, as_time
 
-__all__ = ["At", "Nodes", "Plan", "BoundPlan"]
+__all__ = ["At", "Nodes", "Plan", "BoundPlan", "bound_plan"]
 
 
 class At(int):
@@ -40,29 +43,30 @@ _METHODS = {"log_alpha": "log_alpha", "log_sigma": "log_sigma", "alpha": "alpha"
 
 @dataclass(frozen=True)
 class Nodes:
-    """Float64 (CPU) schedule values at the times ``t``: ``log alpha``, ``log sigma``, ``alpha``, ``sigma``
-    and the time derivatives ``dalpha = alpha'``, ``dsigma = sigma'``; ``lam = log alpha - log sigma``."""
+    """Float64 schedule values (numpy arrays, host) at the times ``t``: ``log alpha``, ``log sigma``,
+    ``alpha``, ``sigma`` and the time derivatives ``dalpha = alpha'``, ``dsigma = sigma'``;
+    ``lam = log alpha - log sigma``."""
 
-    t: Tensor
-    log_alpha: Tensor
-    log_sigma: Tensor
-    alpha: Tensor
-    sigma: Tensor
-    dalpha: Tensor
-    dsigma: Tensor
+    t: np.ndarray
+    log_alpha: np.ndarray
+    log_sigma: np.ndarray
+    alpha: np.ndarray
+    sigma: np.ndarray
+    dalpha: np.ndarray
+    dsigma: np.ndarray
 
     @property
-    def lam(self) -> Tensor:
+    def lam(self) -> np.ndarray:
         return self.log_alpha - self.log_sigma
 
     def __len__(self) -> int:
-        return self.t.numel()
+        return self.t.size
 
     def __getitem__(self, index) -> "Nodes":
         return Nodes(*(getattr(self, f.name)[index] for f in fields(self)))
 
     def cat(self, other: "Nodes") -> "Nodes":
-        return Nodes(*(torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
+        return Nodes(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
 
     @staticmethod
     def of(schedule: NoiseSchedule, t) -> "Nodes":
@@ -71,15 +75,15 @@ class Nodes:
         t = as_time(t).detach().cpu().reshape(-1)
         values = {}
         for name, method in _METHODS.items():
-            v = torch.broadcast_to(as_time(getattr(schedule, method)(t)).detach().cpu(), t.shape)
-            bad = torch.isnan(v) | (torch.isinf(v) if name in ("alpha", "sigma") else torch.zeros_like(v, dtype=torch.bool))
-            if bool(bad.any()):
-                j = int(bad.nonzero()[0])
+            v = np.broadcast_to(as_time(getattr(schedule, method)(t)).detach().cpu().numpy(), t.shape)
+            bad = np.isnan(v) | (np.isinf(v) if name in ("alpha", "sigma") else False)
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
                 raise ValueError(
                     f"{type(schedule).__name__}.{method}(t={float(t[j]):.6g}) = {float(v[j])}: the schedule itself "
                     f"returned a non-finite value there (not the model); fix the schedule or keep the grid off that time")
-            values[name] = v
-        return Nodes(t, **values)
+            values[name] = np.array(v, dtype=np.float64)
+        return Nodes(t.numpy().copy(), **values)
 
 
 class Plan:
@@ -113,28 +117,32 @@ class Plan:
         """The evaluation point at grid time ``i``."""
         return At(i)
 
-    def stage(self, t: Tensor) -> tuple[Nodes, list[At]]:
-        """Register extra evaluation times ``t`` (1-D float64, e.g. singlestep intermediate points):
-        their schedule values and their evaluation points."""
-        new = Nodes.of(self.schedule, t)
+    def stage(self, t) -> tuple[Nodes, list[At]]:
+        """Register extra evaluation times ``t`` (1-D float64 array or tensor, e.g. singlestep intermediate
+        points): their schedule values and their evaluation points."""
+        new = Nodes.of(self.schedule, torch.as_tensor(t))
         first = len(self.nodes)
         self.nodes = self.nodes.cat(new)
         return new, [At(first + k) for k in range(len(new))]
 
-    def bind(self, denoiser, x: Tensor, *, tensors: bool = False) -> "BoundPlan":
+    def bind(self, denoiser, x: Tensor) -> "BoundPlan":
         """The rows for ``denoiser`` and samples like ``x``: every :class:`At` becomes an
         :class:`~adjointflow.models.EvalPoint` (network time of shape ``(batch,)`` and the float64
-        conversion coefficients of ``denoiser.prediction``). With ``tensors=True`` every float becomes a
-        0-dim tensor of ``x``'s dtype and device (rows of a compiled step; one host-to-device copy)."""
-        evals = _eval_points(self.nodes, denoiser, x, tensors)
-        if not tensors:
-            rows = [_bind(r, evals, None) for r in self.rows]
-        else:
-            floats: list[float] = []
-            for r in self.rows:
-                _collect(r, floats)
-            values = iter(torch.tensor(floats, dtype=x.dtype, device=x.device).unbind(0)) if floats else iter(())
-            rows = [_bind(r, evals, values) for r in self.rows]
+        conversion coefficients of ``denoiser.prediction``) and every float a 0-dim tensor of ``x``'s dtype
+        and device (one host-to-device copy per solve; a 0-dim tensor operand is also cheaper than a
+        Python float, which torch wraps into a new tensor at every op, and it lets a compiled step
+        serve every row)."""
+        floats: list[float] = []
+        evals = _eval_points(self.nodes, denoiser, x, floats)  # conversion coefficients first, then the rows'
+        for r in self.rows:
+            _collect(r, floats)
+        values = iter(torch.tensor(floats, dtype=x.dtype, device=x.device).unbind(0)) if floats else iter(())
+        sch = self.schedule
+        evals = [EvalPoint(j, t, tn, Conversion(kind, {tg: None if pq is None else
+                                                      (None if pq[0] is None else next(values), next(values))
+                                                      for tg, pq in table.items()}, where, sch))
+                 for j, t, tn, kind, table, where in evals]
+        rows = [_bind(r, evals, values) for r in self.rows]
         return BoundPlan(self, rows, evals)
 
 
@@ -148,44 +156,50 @@ class BoundPlan:
     evals: list = field(repr=False)
 
 
-def _conversions(kind: str, nodes: Nodes, x: Tensor, tensors: bool) -> list[Conversion]:
-    a, s, da, ds = nodes.alpha, nodes.sigma, nodes.dalpha, nodes.dsigma
+#: conversions planned per evaluation point (the ones solvers and guidance read); others are computed from
+#: the schedule on demand (:meth:`~adjointflow.models.Prediction.as_`)
+PLANNED = ("x0", "eps", "velocity")
+
+
+def _conversion_tables(kind: str, nodes: Nodes, floats: list) -> list[dict]:
+    """Per node, ``{target: None | (p, q)}`` in float64 (``p = None`` where it is 0); the coefficients are
+    appended to ``floats`` in the order :meth:`Plan.bind` consumes them."""
     m = len(nodes)
-    columns = {}
-    for target in PREDICTIONS:
-        if target == kind:
-            continue
-        p, q = (torch.broadcast_to(torch.as_tensor(v, dtype=torch.float64), (m,)) for v in
-                affine_coefficients(kind, target, a, s, da, ds))
-        ok = (torch.isfinite(p) & torch.isfinite(q)).tolist()
-        columns[target] = (p, q, ok)
-    if tensors:
-        stacked = torch.stack([torch.stack([p, q]) for p, q, _ in columns.values()]).to(dtype=x.dtype, device=x.device)
-        cast = {tg: stacked[j].unbind(1) for j, tg in enumerate(columns)}
-    where = list(zip(nodes.t.tolist(), a.tolist(), s.tolist()))
-    out = []
-    per_target = {tg: (p.tolist(), q.tolist(), ok) for tg, (p, q, ok) in columns.items()}
-    for j in range(m):
-        pq = {}
-        for tg, (p, q, ok) in per_target.items():
-            if not ok[j]:
-                pq[tg] = None
+    columns = []
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for target in PLANNED:
+            if target == kind:
                 continue
-            pj = None if p[j] == 0.0 else (p[j] if not tensors else cast[tg][j][0])
-            pq[tg] = (pj, q[j] if not tensors else cast[tg][j][1])
-        out.append(Conversion(kind, pq, where[j]))
-    return out
+            p, q = (np.broadcast_to(np.asarray(v, dtype=np.float64), (m,)) for v in
+                    affine_coefficients(kind, target, nodes.alpha, nodes.sigma, nodes.dalpha, nodes.dsigma))
+            columns.append((target, p.tolist(), q.tolist(), (np.isfinite(p) & np.isfinite(q)).tolist()))
+    tables = []
+    for j in range(m):
+        table = {}
+        for target, p, q, ok in columns:
+            if not ok[j]:
+                table[target] = None
+                continue
+            if p[j] != 0.0:
+                floats.append(p[j])
+            floats.append(q[j])
+            table[target] = (None if p[j] == 0.0 else p[j], q[j])
+        tables.append(table)
+    return tables
 
 
-def _eval_points(nodes: Nodes, denoiser, x: Tensor, tensors: bool) -> list[EvalPoint]:
-    t_net = denoiser.network_times(nodes.t, x).unbind(0)
-    conv = _conversions(denoiser.prediction, nodes, x, tensors)
-    return [EvalPoint(j, t, tn, c) for j, (t, tn, c) in enumerate(zip(nodes.t.tolist(), t_net, conv))]
+def _eval_points(nodes: Nodes, denoiser, x: Tensor, floats: list) -> list[tuple]:
+    t_net = denoiser.network_times(torch.from_numpy(nodes.t), x).unbind(0)
+    kind = denoiser.prediction
+    tables = _conversion_tables(kind, nodes, floats)
+    where = zip(nodes.t.tolist(), nodes.alpha.tolist(), nodes.sigma.tolist())
+    return [(j, w[0], tn, kind, tb, w) for j, (tn, tb, w) in enumerate(zip(t_net, tables, where))]
 
 
 def _collect(v: Any, out: list) -> None:
     if type(v) is float:
-        out.append(v)
+        if v == v:  # NaN marks a coefficient the step does not read: it becomes None
+            out.append(v)
     elif isinstance(v, tuple):
         for e in v:
             _collect(e, out)
@@ -196,8 +210,57 @@ def _bind(v: Any, evals: list, values) -> Any:
     if tv is At:
         return evals[v]
     if tv is float:
-        return v if values is None else next(values)
+        return next(values) if v == v else None
     if isinstance(v, tuple):
         out = [_bind(e, evals, values) for e in v]
         return tv._make(out) if hasattr(tv, "_make") else tuple(out)
     return v
+
+
+# --- caches --------------------------------------------------------------------------------------------
+# Repeated solves on the same grid (sampling batch after batch, an optimisation loop) reuse the plan:
+# the host part keyed by the *values* of the solver, the schedule and the grid; the bound part (network
+# times, conversions, dtype/device) per denoiser, batch size, dtype and device.
+_PLANS: OrderedDict = OrderedDict()
+_BOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CACHE_SIZE = 32
+
+
+def _state_key(obj):
+    """``(type, every instance attribute)`` of an immutable object, or ``None`` if it cannot serve as a key
+    (unhashable attributes, or a module: a learned solver's rows change as it trains)."""
+    if isinstance(obj, torch.nn.Module):
+        return None
+    key = (type(obj), tuple(sorted(vars(obj).items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _lru_get(cache: OrderedDict, key, make):
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
+def bound_plan(solver, denoiser, grid: Tensor, x: Tensor) -> BoundPlan:
+    """``solver.plan(denoiser.schedule, grid).bind(denoiser, x)``, from a cache when the same solver,
+    schedule, grid, denoiser and sample layout (batch size, dtype, device) were planned before."""
+    sk, ck = _state_key(solver), _state_key(denoiser.schedule)
+    if sk is None or ck is None:
+        return solver.plan(denoiser.schedule, grid).bind(denoiser, x)
+    plan = _lru_get(_PLANS, (sk, ck, grid.numpy().tobytes()), lambda: solver.plan(denoiser.schedule, grid))
+    per_denoiser = _BOUND.setdefault(denoiser, OrderedDict())
+    key = (id(plan), denoiser.prediction, denoiser.net_time, denoiser.noise_at_zero, denoiser.schedule,
+           x.shape[0], x.dtype, x.device)
+    bound = _lru_get(per_denoiser, key, lambda: plan.bind(denoiser, x))
+    if bound.plan is not plan:  # the id of an evicted plan was reused
+        bound = per_denoiser[key] = plan.bind(denoiser, x)
+    return bound

@@ -35,7 +35,7 @@ finite ``lambda_t`` and is differentiated exactly: ``a_s = alpha_t J_x0(x_s)^T a
 """
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from .equations import ADJOINT_FORMS, AdjointModel, AdjointState
 
@@ -45,7 +45,7 @@ __all__ = ["adjoint_deis_step", "exponential_adjoint_step"]
 def _c(sigma, lam, nu: float):
     """Data-form integrating factor ``c = sigma e^{-(nu-1) lambda}``: ``sigma`` for the ODE (no ``0 * inf``
     at ``lambda = -inf``), ``sigma^2/alpha`` for the SDE."""
-    return sigma if nu == 1.0 else sigma * torch.exp(-(nu - 1) * lam)
+    return sigma if nu == 1.0 else sigma * np.exp(-(nu - 1) * lam)
 
 
 def step_forms(form: str, alpha, lam) -> list[str]:
@@ -72,30 +72,31 @@ def _table(model: AdjointModel, form: str, nu: float) -> dict:
         return model.cache[key]
     n = model.nodes
     alpha, sigma, lam = n.alpha, n.sigma, n.lam
-    c = _c(sigma, lam, nu)
-    a_s, a_t, s_s, s_t, l_s, l_t = alpha[:-1], alpha[1:], sigma[:-1], sigma[1:], lam[:-1], lam[1:]
-    c_s, c_t = c[:-1], c[1:]
-    h = l_s - l_t
-    kinds = step_forms(form, alpha, lam)
-    is_x0 = torch.tensor([k == "x0" for k in kinds], dtype=torch.bool)
-    # noise form: a_s = (alpha_t/alpha_s) a_t + nu sigma_s/alpha_s^2 (e^h - 1) D, in_s = in_t + nu sigma_s/alpha_s (e^h - 1) D_in
-    cin_eps = nu * s_s / a_s * torch.expm1(h)
-    # data form: a_s = (c_t/c_s) a_t + k/c_s D, in_s = in_t + k D_in, k = -e^{nu lambda_t} expm1(nu h)
-    cin_x0 = -torch.exp(nu * l_t) * torch.expm1(nu * h)
-    lin = torch.where(is_x0, c_t / c_s, a_t / a_s)
-    cin = torch.where(is_x0, cin_x0, cin_eps)
-    cx = torch.where(is_x0, cin_x0 / c_s, cin_eps / a_s)
-    # 2M: D = (1 + 1/(2 rho)) V_t - V_r/(2 rho), rho = (lambda_t - lambda_r)/h with r = grid[i+2]
-    rho = torch.full_like(h, float("nan"))
-    rho[:-1] = (l_t[:-1] - lam[2:]) / h[:-1]
-    table = dict(
-        kind=kinds, lin=lin.tolist(), cin=cin.tolist(), cx=cx.tolist(), finite_h=torch.isfinite(h).tolist(),
-        w0=(1.0 + 0.5 / rho).tolist(), w1=(0.5 / rho).tolist(),
-        # per node: the frozen quantities' factors (noise form: alpha^2 and alpha; data form: c^2 and c) and
-        # the kind conversions eps = (x - alpha x0)/sigma, x0 = (x - sigma eps)/alpha
-        alpha=n.alpha.tolist(), sigma=n.sigma.tolist(), alpha2=(alpha**2).tolist(), c=c.tolist(), c2=(c**2).tolist(),
-        alpha_over_sigma=(alpha / sigma).tolist(), sigma_over_alpha=(sigma / alpha).tolist(),
-    )
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        c = _c(sigma, lam, nu)
+        a_s, a_t, s_s, l_s, l_t = alpha[:-1], alpha[1:], sigma[:-1], lam[:-1], lam[1:]
+        c_s, c_t = c[:-1], c[1:]
+        h = l_s - l_t
+        kinds = step_forms(form, alpha, lam)
+        is_x0 = np.array([k == "x0" for k in kinds], dtype=bool)
+        # noise form: a_s = (alpha_t/alpha_s) a_t + nu sigma_s/alpha_s^2 (e^h - 1) D, in_s = in_t + nu sigma_s/alpha_s (e^h - 1) D_in
+        cin_eps = nu * s_s / a_s * np.expm1(h)
+        # data form: a_s = (c_t/c_s) a_t + k/c_s D, in_s = in_t + k D_in, k = -e^{nu lambda_t} expm1(nu h)
+        cin_x0 = -np.exp(nu * l_t) * np.expm1(nu * h)
+        lin = np.where(is_x0, c_t / c_s, a_t / a_s)
+        cin = np.where(is_x0, cin_x0, cin_eps)
+        cx = np.where(is_x0, cin_x0 / c_s, cin_eps / a_s)
+        # 2M: D = (1 + 1/(2 rho)) V_t - V_r/(2 rho), rho = (lambda_t - lambda_r)/h with r = grid[i+2]
+        rho = np.full_like(h, np.nan)
+        rho[:-1] = (l_t[:-1] - lam[2:]) / h[:-1]
+        table = dict(
+            kind=kinds, lin=lin.tolist(), cin=cin.tolist(), cx=cx.tolist(), finite_h=np.isfinite(h).tolist(),
+            w0=(1.0 + 0.5 / rho).tolist(), w1=(0.5 / rho).tolist(),
+            # per node: the frozen quantities' factors (noise form: alpha^2 and alpha; data form: c^2 and c) and
+            # the kind conversions eps = (x - alpha x0)/sigma, x0 = (x - sigma eps)/alpha
+            alpha=alpha.tolist(), sigma=sigma.tolist(), alpha2=(alpha**2).tolist(), c=c.tolist(), c2=(c**2).tolist(),
+            alpha_over_sigma=(alpha / sigma).tolist(), sigma_over_alpha=(sigma / alpha).tolist(),
+        )
     model.cache[key] = table
     return table
 

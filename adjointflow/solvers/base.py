@@ -12,8 +12,8 @@ trajectory and gradient modes. A solver provides
   grid is computed here, vectorised, never in the step.
 * ``step(model, state, c, noise=None) -> State``: advance ``state`` by one step reading only the row
   ``c`` (bound by the driver: ``At`` fields are :class:`~adjointflow.models.EvalPoint` s to call the model
-  at, ``model(x, c.s)``; floats are Python floats, or 0-dim tensors under ``solve(compile=True)``, so
-  write ``c.a * x``, never ``float(c.a)``). ``noise`` is the Brownian increment ``W(t_{i+1}) - W(t_i)``
+  at, ``model(x, c.s)``; floats are 0-dim tensors of the state's dtype and device, so write ``c.a * x``
+  or :func:`axpy`/:func:`lin`, never ``float(c.a)``). ``noise`` is the Brownian increment ``W(t_{i+1}) - W(t_i)``
   (a tensor shaped like ``x``) for stochastic solvers, ``None`` otherwise. A step must not read tensors
   on the host (``float(t)``, ``bool(x)``, ``.item()``): that synchronises with the device.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,16 +33,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..models import Prediction
     from ..plan import Plan
 
-__all__ = ["State", "Solver", "ModelFn", "axpy"]
+__all__ = ["State", "Solver", "ModelFn", "axpy", "lin"]
 
 #: ``model(x, t) -> Prediction``: the denoiser with ``cond`` bound, NFE counted and outputs recorded.
 ModelFn = Callable[[Tensor, object], "Prediction"]
 
 
 def axpy(x: Tensor, a, u: Tensor) -> Tensor:
-    """``x + a u`` for a row coefficient ``a``: one fused kernel for a Python float, the plain expression
-    for a 0-dim tensor (compiled rows)."""
-    return torch.add(x, u, alpha=a) if isinstance(a, float) else x + a * u
+    """``x + a u`` in one kernel, for a row coefficient ``a`` (0-dim tensor) or a Python float."""
+    return torch.add(x, u, alpha=a) if isinstance(a, float) else torch.addcmul(x, a, u)
+
+
+def lin(a, x: Tensor, b, y: Tensor) -> Tensor:
+    """``a x + b y`` for 0-dim tensor coefficients ``a``, ``b`` (two kernels)."""
+    return torch.addcmul(a * x, b, y)
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,8 @@ class Solver:
         from ..plan import Plan
 
         plan = Plan(schedule, grid)
-        plan.rows = list(self.rows(plan))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf/NaN mark singular ends on purpose
+            plan.rows = list(self.rows(plan))
         return plan
 
     def rows(self, plan: "Plan") -> list:
@@ -119,7 +125,8 @@ class Solver:
 
         plan = Plan(model.schedule, grid)
         plan.history = {i: len(state.history)}
-        plan.rows = list(self.rows(plan))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            plan.rows = list(self.rows(plan))
         row = plan.bind(model.denoiser, state.x).rows[i]
         dw = None
         if self.stochastic:

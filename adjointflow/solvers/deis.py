@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..plan import At
-from .base import State
+from .base import State, axpy, lin
 from .exponential import (
     WARMUPS,
     ExponentialIntegrator,
@@ -130,8 +130,8 @@ class DEIS(ExponentialIntegrator):
         st = Steps(plan.start, plan.end)
         orders = multistep_orders(self, plan)
         firsts = first_order_coefficients(st, "eps")
-        noise = st.noise_coefficient().numpy()
-        t, lam = plan.grid.numpy(), plan.nodes.lam[: plan.n + 1].numpy()
+        noise = st.noise_coefficient()
+        t, lam = plan.grid.numpy(), plan.nodes.lam[: plan.n + 1]
         c = {}
         for k in (2, 3):
             steps = np.array([i for i, (kk, s) in enumerate(orders) if kk == k and not s], dtype=np.int64)
@@ -150,7 +150,7 @@ class DEIS(ExponentialIntegrator):
         elif c.k == 1:
             x_next = first_order(x, pred, c.first)
         else:
-            x_next = c.first.a * x + c.c[0] * e0
+            x_next = lin(c.first.a, x, c.c[0], e0)
             for cj, ej in zip(c.c[1:], state.history):
-                x_next = x_next + cj * ej
+                x_next = axpy(x_next, cj, ej)
         return State(x_next, (e0, *state.history)[: self.order - 1])

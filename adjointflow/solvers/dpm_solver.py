@@ -9,10 +9,10 @@ import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch
+import numpy as np
 
 from ..plan import At
-from .base import State
+from .base import State, axpy
 from .exponential import (
     SOLVER_TYPES,
     WARMUPS,
@@ -156,12 +156,12 @@ class DPMSolverPP(ExponentialIntegrator):
             d1_0 = (m0 - m1) / c.r0
             x_next = first_order(x, pred, c.first)
             if c.k == 2:
-                x_next = x_next + c.w1 * d1_0
+                x_next = axpy(x_next, c.w1, d1_0)
             else:
                 d1_1 = (m1 - state.history[1]) / c.r1
                 d2 = (d1_0 - d1_1) / (c.r0 + c.r1)
-                d1 = d1_0 + c.r0 * d2
-                x_next = x_next + c.w1 * d1 + c.w2 * d2
+                d1 = axpy(d1_0, c.r0, d2)
+                x_next = axpy(axpy(x_next, c.w1, d1), c.w2, d2)
         return State(x_next, (m0, *state.history)[: self.order - 1])
 
     # ------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class DPMSolverPP(ExponentialIntegrator):
         three = [i for i, k in enumerate(ks) if k == 3]
         extra = {}
         if three:
-            idx = torch.tensor(three, dtype=torch.long)
+            idx = np.asarray(three, dtype=np.int64)
             h, a_t = st.h[idx], st.alpha_t[idx]
             st1, r1, s1 = stages(plan, st, 1.0 / 3.0, three)
             st2, r2, s2 = stages(plan, st, 2.0 / 3.0, three)
@@ -201,11 +201,11 @@ class DPMSolverPP(ExponentialIntegrator):
         m0 = pred.x0
         base = first_order(x, pred, c.first)
         m1 = model(first_order(x, pred, c.first1), c.s1).x0
-        u2 = first_order(x, pred, c.first2) + c.c_u2 * (m1 - m0)
+        u2 = axpy(first_order(x, pred, c.first2), c.c_u2, m1 - m0)
         m2 = model(u2, c.s2).x0
         if self.solver_type == "midpoint":
-            return State(base + c.c1 * (m2 - m0))
+            return State(axpy(base, c.c1, m2 - m0))
         d1_0, d1_1 = (m1 - m0) / c.r1, (m2 - m0) / c.r2
         d1 = (c.r2 * d1_0 - c.r1 * d1_1) / (c.r2 - c.r1)
         d2 = 2.0 * (d1_1 - d1_0) / (c.r2 - c.r1)
-        return State(base + c.c1 * d1 + c.c2 * d2)
+        return State(axpy(axpy(base, c.c1, d1), c.c2, d2))

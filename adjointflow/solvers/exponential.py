@@ -29,11 +29,12 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..plan import At, Nodes, Plan
-from .base import Solver
+from .base import Solver, axpy, lin
 
 __all__ = [
     "phi",
@@ -63,25 +64,28 @@ WARMUPS = ("singlestep", "multistep")
 #: diffusers' rule: with fewer steps than this, ``lower_order_final`` lowers the last steps' order.
 LOWER_ORDER_FINAL_STEPS = 15
 
+# inf/NaN in float64 plan arithmetic mark singular ends on purpose (``Solver.plan`` runs rows under it too)
+def quiet():
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
-def phis(k: int, z: Tensor) -> Tensor:
-    """phi function of exponential integrators, elementwise on a float64 tensor ``z`` (see :func:`phi`)."""
+
+def phis(k: int, z):
+    """phi function of exponential integrators, elementwise on a float64 array ``z`` (see :func:`phi`)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"phi needs an integer order k >= 0, got {k!r}")
+    z = np.asarray(z, dtype=np.float64)
     if k == 0:
-        return torch.exp(z)
-    small = z.abs() < 1.0
-    term = torch.full_like(z, 1.0 / math.factorial(k))
-    series = term
-    for j in range(1, 30):
-        term = term * (z / (j + k))
-        series = series + term
-    zz = torch.where(small, torch.ones_like(z), z)
-    value = torch.expm1(zz) / zz
+        return np.exp(z)
+    small = np.abs(z) < 1.0
+    # series: sum_j z^j/(j+k)!, the terms as a running product (30 terms: truncation below 1e-30)
+    factors = z[..., None] / (np.arange(1, 30) + k)
+    series = (1.0 + np.cumprod(factors, axis=-1).sum(-1)) / math.factorial(k)
+    zz = np.where(small, 1.0, z)
+    value = np.expm1(zz) / zz
     for j in range(1, k):
         value = (value - 1.0 / math.factorial(j)) / zz
-    value = torch.where(torch.isneginf(z), torch.zeros_like(z), value)
-    return torch.where(small, series, value)
+    value = np.where(np.isneginf(z), 0.0, value)
+    return np.where(small, series, value)
 
 
 def phi(k: int, z: float) -> float:
@@ -90,54 +94,52 @@ def phi(k: int, z: float) -> float:
     ``phi_0(z) = e^z``, ``phi_1(z) = (e^z - 1)/z`` and ``phi_{k+1}(z) = (phi_k(z) - 1/k!)/z``;
     equivalently ``phi_k(z) = int_0^1 e^{(1-v) z} v^{k-1}/(k-1)! dv`` for ``k >= 1``. The recurrence
     cancels catastrophically as ``z -> 0`` (``phi_3`` would lose ``~log10(1/|z|^2)`` digits), so
-    ``|z| < 1`` uses the power series (30 terms: truncation below 1e-30) and ``|z| >= 1`` the
-    recurrence started from ``expm1``. ``z = -inf`` gives ``phi_k = 0`` for ``k >= 1``.
+    ``|z| < 1`` uses the power series and ``|z| >= 1`` the recurrence started from ``expm1``.
+    ``z = -inf`` gives ``phi_k = 0`` for ``k >= 1``.
     """
-    return float(phis(k, torch.tensor(float(z), dtype=torch.float64)))
+    with quiet():
+        return float(phis(k, float(z)))
 
 
 class Steps:
-    """Float64 quantities of the steps ``s -> t`` between two :class:`~adjointflow.plan.Nodes` (vectorised).
-
-    ``lambda``, ``h``, the ratios ``sigma_t/sigma_s`` and ``alpha_t/alpha_s`` are derived in log space so
-    that the singular ends (``alpha = 0`` or ``sigma = 0``, i.e. ``log = -inf``) give the exact limits
-    ``0``/``inf`` instead of NaN.
+    """Float64 quantities of the steps ``s -> t`` between two :class:`~adjointflow.plan.Nodes` (vectorised,
+    numpy). ``lambda``, ``h``, the ratios ``sigma_t/sigma_s`` and ``alpha_t/alpha_s`` are derived in log
+    space so that the singular ends (``alpha = 0`` or ``sigma = 0``, i.e. ``log = -inf``) give the exact
+    limits ``0``/``inf`` instead of NaN.
     """
 
     def __init__(self, start: Nodes, end: Nodes):
-        self.log_alpha_s, self.log_sigma_s = start.log_alpha, start.log_sigma
-        self.log_alpha_t, self.log_sigma_t = end.log_alpha, end.log_sigma
+        self._set(start.log_alpha, start.log_sigma, end.log_alpha, end.log_sigma)
 
-    lam_s = property(lambda self: self.log_alpha_s - self.log_sigma_s)
-    lam_t = property(lambda self: self.log_alpha_t - self.log_sigma_t)
-    h = property(lambda self: self.lam_t - self.lam_s)
-    alpha_s = property(lambda self: torch.exp(self.log_alpha_s))
-    alpha_t = property(lambda self: torch.exp(self.log_alpha_t))
-    sigma_s = property(lambda self: torch.exp(self.log_sigma_s))
-    sigma_t = property(lambda self: torch.exp(self.log_sigma_t))
-    #: ``sigma_t / sigma_s`` (``inf`` when ``sigma_s = 0``)
-    sigma_ratio = property(lambda self: torch.exp(self.log_sigma_t - self.log_sigma_s))
-    #: ``alpha_t / alpha_s`` (``inf`` when ``alpha_s = 0``)
-    alpha_ratio = property(lambda self: torch.exp(self.log_alpha_t - self.log_alpha_s))
+    def _set(self, log_alpha_s, log_sigma_s, log_alpha_t, log_sigma_t) -> None:
+        self.log_alpha_s, self.log_sigma_s, self.log_alpha_t, self.log_sigma_t = (
+            log_alpha_s, log_sigma_s, log_alpha_t, log_sigma_t)
+        self.lam_s, self.lam_t = log_alpha_s - log_sigma_s, log_alpha_t - log_sigma_t
+        self.h = self.lam_t - self.lam_s
+        self.alpha_s, self.alpha_t = np.exp(log_alpha_s), np.exp(log_alpha_t)
+        self.sigma_s, self.sigma_t = np.exp(log_sigma_s), np.exp(log_sigma_t)
+        #: ``sigma_t / sigma_s`` (``inf`` when ``sigma_s = 0``), ``alpha_t / alpha_s`` (``inf`` when ``alpha_s = 0``)
+        self.sigma_ratio = np.exp(log_sigma_t - log_sigma_s)
+        self.alpha_ratio = np.exp(log_alpha_t - log_alpha_s)
 
     @property
-    def finite(self) -> Tensor:
+    def finite(self):
         """Both ends have finite ``lambda`` (the only case where orders above 1 are defined)."""
-        return torch.isfinite(self.lam_s) & torch.isfinite(self.lam_t)
+        return np.isfinite(self.lam_s) & np.isfinite(self.lam_t)
 
-    def data_coefficient(self) -> Tensor:
+    def data_coefficient(self):
         """``alpha_t (1 - e^{-h}) = alpha_t h phi_1(-h)``, the weight of ``x0_hat`` in the first-order
         data-form step; written as ``-alpha_t expm1(-h)`` for ``h >= 0`` (finite at ``h = +inf``) and as
         ``(sigma_t/sigma_s) alpha_s expm1(h)`` for ``h < 0`` (finite at ``alpha_t = 0``)."""
         h = self.h
-        return torch.where(h >= 0, -self.alpha_t * torch.expm1(-h), self.sigma_ratio * self.alpha_s * torch.expm1(h))
+        return np.where(h >= 0, -self.alpha_t * np.expm1(-h), self.sigma_ratio * self.alpha_s * np.expm1(h))
 
-    def noise_coefficient(self) -> Tensor:
+    def noise_coefficient(self):
         """``-sigma_t (e^h - 1) = -sigma_t h phi_1(h)``, the weight of ``eps_hat`` in the first-order
         noise-form step; written as ``(alpha_t/alpha_s) sigma_s expm1(-h)`` for ``h >= 0`` (finite at
         ``sigma_t = 0``) and as ``-sigma_t expm1(h)`` for ``h < 0`` (finite at ``sigma_s = 0``)."""
         h = self.h
-        return torch.where(h >= 0, self.alpha_ratio * self.sigma_s * torch.expm1(-h), -self.sigma_t * torch.expm1(h))
+        return np.where(h >= 0, self.alpha_ratio * self.sigma_s * np.expm1(-h), -self.sigma_t * np.expm1(h))
 
 
 @dataclass(frozen=True)
@@ -153,16 +155,14 @@ class Interval:
 
     @staticmethod
     def of(schedule, t_s, t_t) -> "Interval":
-        n = Nodes.of(schedule, torch.stack([torch.as_tensor(t_s, dtype=torch.float64),
-                                            torch.as_tensor(t_t, dtype=torch.float64)]).reshape(2))
+        n = Nodes.of(schedule, torch.tensor([float(t_s), float(t_t)], dtype=torch.float64))
         return Interval(*n.t.tolist(), float(n.log_alpha[0]), float(n.log_sigma[0]), float(n.log_alpha[1]),
                         float(n.log_sigma[1]))
 
     def _steps(self) -> Steps:
-        f = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
         st = Steps.__new__(Steps)
-        st.log_alpha_s, st.log_sigma_s = f(self.log_alpha_s), f(self.log_sigma_s)
-        st.log_alpha_t, st.log_sigma_t = f(self.log_alpha_t), f(self.log_sigma_t)
+        with quiet():
+            st._set(*(np.float64(v) for v in (self.log_alpha_s, self.log_sigma_s, self.log_alpha_t, self.log_sigma_t)))
         return st
 
     def __getattr__(self, name):
@@ -173,10 +173,12 @@ class Interval:
         raise AttributeError(name)
 
     def data_coefficient(self) -> float:
-        return float(self._steps().data_coefficient())
+        with quiet():
+            return float(self._steps().data_coefficient())
 
     def noise_coefficient(self) -> float:
-        return float(self._steps().noise_coefficient())
+        with quiet():
+            return float(self._steps().noise_coefficient())
 
 
 class FirstOrder(NamedTuple):
@@ -200,8 +202,8 @@ def first_order_coefficients(st: Steps, form: str) -> list[FirstOrder]:
         a, b, singular = st.sigma_ratio, st.data_coefficient(), st.sigma_s == 0
     else:
         a, b, singular = st.alpha_ratio, st.noise_coefficient(), st.alpha_s == 0
-    a = torch.where(singular, st.alpha_t, a).tolist()
-    b = torch.where(singular, st.sigma_t, b).tolist()
+    a = np.where(singular, st.alpha_t, a).tolist()
+    b = np.where(singular, st.sigma_t, b).tolist()
     forms = ["sym" if z else form for z in singular.tolist()]
     return [FirstOrder(*r) for r in zip(forms, a, b)]
 
@@ -209,10 +211,10 @@ def first_order_coefficients(st: Steps, form: str) -> list[FirstOrder]:
 def first_order(x: Tensor, pred, fo: FirstOrder) -> Tensor:
     """Apply a :class:`FirstOrder` step to ``x`` with the prediction ``pred`` made at ``(x, s)``."""
     if fo.form == "x0":
-        return fo.a * x + fo.b * pred.x0
+        return lin(fo.a, x, fo.b, pred.x0)
     if fo.form == "eps":
-        return fo.a * x + fo.b * pred.eps
-    return fo.a * pred.x0 + fo.b * pred.eps
+        return lin(fo.a, x, fo.b, pred.eps)
+    return lin(fo.a, pred.x0, fo.b, pred.eps)
 
 
 class Stage2(NamedTuple):
@@ -235,15 +237,16 @@ def singlestep2(model, x: Tensor, pred, first: FirstOrder, st: Stage2) -> Tensor
     """
     pred1 = model(first_order(x, pred, st.first), st.s1)
     d = pred1.x0 - pred.x0 if st.form == "x0" else pred1.eps - pred.eps
-    return first_order(x, pred, first) + st.c * d
+    return axpy(first_order(x, pred, first), st.c, d)
 
 
-def stages(plan: Plan, st: Steps, r: float, where: list[int]) -> tuple[Steps, Tensor, list[At]]:
+def stages(plan: Plan, st: Steps, r: float, where: list[int]):
     """Intermediate points at ``lambda_s + r h`` for the steps ``where``: the steps ``s -> s_r``, the actual
     ``r`` after the float64 round trip through ``t``, and their evaluation points."""
-    idx = torch.tensor(where, dtype=torch.long)
+    idx = np.asarray(where, dtype=np.int64)
     lam_s, h = st.lam_s[idx], st.h[idx]
-    nodes, at = plan.stage(plan.schedule.t_from_log_snr(lam_s + r * h))
+    t_r = plan.schedule.t_from_log_snr(torch.from_numpy(lam_s + r * h))
+    nodes, at = plan.stage(t_r)
     sub = Steps(plan.start[idx], nodes)
     return sub, sub.h / h, at
 
@@ -256,7 +259,7 @@ def singlestep2_stages(plan: Plan, st: Steps, form: str, solver_type: str, where
     """
     if not where:
         return {}
-    idx = torch.tensor(where, dtype=torch.long)
+    idx = np.asarray(where, dtype=np.int64)
     sub, r1, at = stages(plan, st, 0.5, where)
     h = st.h[idx]
     if form == "x0":
@@ -286,7 +289,7 @@ def multistep_orders(solver, plan: Plan) -> list[tuple[int, bool]]:
     DPM-Solver++(2S)); the next step is second-order multistep (local ``O(h^3)``).
     ``warmup="multistep"`` reproduces diffusers' plain lower-order warm-up.
     """
-    finite = torch.isfinite(plan.nodes.lam[: plan.n + 1]).tolist()
+    finite = np.isfinite(plan.nodes.lam[: plan.n + 1]).tolist()
     n, order = plan.n, solver.order
     out = []
     for i in range(n):
@@ -310,14 +313,15 @@ def multistep_orders(solver, plan: Plan) -> list[tuple[int, bool]]:
     return out
 
 
-def ratios(st: Steps, lam: Tensor, back: int) -> list[float]:
+def ratios(st: Steps, lam, back: int) -> list[float]:
     """``r = h_{i-back} / h_i`` for every step ``i`` (NaN where step ``i - back`` does not exist):
     ``h_{i-1} = lambda_s - lambda_{i-1}`` for ``back = 1``, ``lambda_{i-1} - lambda_{i-2}`` for ``back = 2``."""
-    n = st.h.numel()
-    prev = torch.full((n,), math.nan, dtype=torch.float64)
+    h = st.h
+    n = h.size
+    prev = np.full(n, np.nan)
     if n > back:
         prev[back:] = lam[1 : n - back + 1] - lam[: n - back]
-    return (prev / st.h).tolist()
+    return (prev / h).tolist()
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """Solvers of the reverse-time diffusion SDE (Song et al. 2021): Euler--Maruyama and SDE-DPM-Solver++."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..plan import At
-from .base import Solver, State
+from .base import Solver, State, axpy, lin
 from .exponential import (
     SOLVER_TYPES,
     ExponentialIntegrator,
@@ -54,8 +54,8 @@ class EulerMaruyama(Solver):
                 f"EulerMaruyama: the reverse SDE is singular at t={plan.times[j]:.6g} (f={float(f[j])}, "
                 f"g^2={float(g2[j])}; e.g. alpha = 0 at t = 1 of LinearFlow); start the grid below it "
                 "(t_start=0.999) or use SDEDPMSolverPP")
-        dt = plan.grid[1:] - t
-        cols = (1.0 + f * dt, g2 / plan.start.sigma * dt, g2.sqrt())
+        f, g2, dt = f.numpy(), g2.numpy(), (plan.grid[1:] - t).numpy()
+        cols = (1.0 + f * dt, g2 / plan.start.sigma * dt, np.sqrt(g2))
         return [EulerMaruyamaRow(plan.at(i), *r) for i, r in enumerate(zip(*(c.tolist() for c in cols)))]
 
     def step(self, model, state, c, noise=None):
@@ -64,7 +64,7 @@ class EulerMaruyama(Solver):
             raise ValueError("EulerMaruyama.step needs the Brownian increment")
         x = state.x
         eps = model(x, c.s).eps
-        return State(c.a * x + c.b * eps + c.g * noise)
+        return State(axpy(lin(c.a, x, c.b, eps), c.g, noise))
 
     def adjoint_step(self, model, adj, grid, i):
         """Euler on the SDE adjoint ``da/dt = -(dF/dx)^T a`` with ``F = 2u - f x`` (the reverse drift;
@@ -119,14 +119,14 @@ class SDEDPMSolverPP(ExponentialIntegrator):
 
     def rows(self, plan):
         st = Steps(plan.start, plan.end)
-        if not bool((st.h > 0).all()):
+        if not (st.h > 0).all():
             raise ValueError("SDEDPMSolverPP integrates the reverse-time SDE and needs a decreasing grid")
         h, a_t = st.h, st.alpha_t
-        one_m_e2h = -torch.expm1(-2.0 * h)
+        one_m_e2h = -np.expm1(-2.0 * h)
         # (sigma_t/sigma_s) e^{-h} and 1 - e^{-2h}: both finite at h = +inf (alpha_s = 0 or sigma_t = 0)
-        decay = torch.exp(st.log_sigma_t - st.log_sigma_s - h)
+        decay = np.exp(st.log_sigma_t - st.log_sigma_s - h)
         w1 = 0.5 * a_t * one_m_e2h if self.solver_type == "midpoint" else a_t * 2.0 * h * phis(2, -2.0 * h)
-        noise = st.sigma_t * torch.sqrt(one_m_e2h) / torch.sqrt((plan.grid[1:] - plan.grid[:-1]).abs())
+        noise = st.sigma_t * np.sqrt(one_m_e2h) / np.sqrt(np.abs(np.diff(plan.grid.numpy())))
         r0 = ratios(st, plan.nodes.lam, 1)
         ks = [k for k, _ in multistep_orders(self, plan)]
         cols = zip(decay.tolist(), (a_t * one_m_e2h).tolist(), r0, w1.tolist(), noise.tolist())
@@ -137,11 +137,11 @@ class SDEDPMSolverPP(ExponentialIntegrator):
             raise ValueError("SDEDPMSolverPP.step needs the Brownian increment")
         x = state.x
         m0 = model(x, c.s).x0
-        x_next = c.decay * x + c.b * m0
+        x_next = lin(c.decay, x, c.b, m0)
         if c.k == 2:
             d1 = (m0 - state.history[0]) / c.r0
-            x_next = x_next + c.w1 * d1
-        x_next = x_next + c.noise * noise
+            x_next = axpy(x_next, c.w1, d1)
+        x_next = axpy(x_next, c.noise, noise)
         return State(x_next, (m0, *state.history)[: self.order - 1])
 
 
