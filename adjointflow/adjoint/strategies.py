@@ -45,26 +45,20 @@ class Backprop(GradientStrategy):
 
 # --- Checkpoint ---------------------------------------------------------------------------------
 def _checkpointed(solver, preserve_rng_state: bool):
-    """``step`` with torch's non-reentrant activation checkpointing: only the step's input state is kept.
-
-    The recomputation in the backward pass calls the model again; it records into a throwaway record (the
+    """``step`` with its saved activations recomputed in the backward pass (:mod:`.recompute`): only the
+    step's input state is kept. The recomputation calls the model again with a throwaway record (the
     forward pass already recorded and checked those evaluations)."""
-    from torch.utils.checkpoint import checkpoint
-
     from ..solvers.base import State
+    from .recompute import RecomputedStep
+
+    live: list = []
 
     def step(model, state, c, noise=None):
         if not torch.is_grad_enabled():
             return solver.step(model, state, c, noise)
-        calls = [model]
-
-        def one_step(*tensors):
-            m = calls[0] if len(calls) == 1 else model.replay()
-            calls.append(m)
-            return solver.step(m, State.from_tensors(tensors), c, noise).tensors()
-
-        out = checkpoint(one_step, *state.tensors(), use_reentrant=False, preserve_rng_state=preserve_rng_state)
-        return State.from_tensors(out)
+        replay = model.replay()
+        frame = RecomputedStep(lambda *ts: solver.step(replay, State.from_tensors(ts), c, noise), state.tensors(), live)
+        return frame.run(lambda: solver.step(model, state, c, noise), preserve_rng_state)
 
     return step
 
@@ -84,12 +78,14 @@ class Checkpoint(GradientStrategy):
     recomputations; ``keep=N`` is :class:`Backprop`. The default ``keep=1`` is free in peak memory (the
     backward pass holds one step's graph anyway) and skips the last step's recomputation.
 
-    It is built on ``torch.utils.checkpoint`` (non-reentrant), i.e. it *is* autograd with the saved
-    activations recomputed: the gradient equals :class:`Backprop`'s to rounding (bit-identical on
-    CPU) and reaches every tensor that affects the output -- the latent, ``cond``, the network's
-    parameters and tensors captured by closure -- through both ``.backward()`` and
-    ``torch.autograd.grad``. Cost: one extra forward pass of the dropped steps per gradient.
-    ``preserve_rng_state`` replays a network's own randomness (e.g. dropout) in the recomputation.
+    It is autograd with the saved activations recomputed (:mod:`adjointflow.adjoint.recompute`, the
+    mechanism of non-reentrant ``torch.utils.checkpoint`` without its general-purpose bookkeeping): the
+    gradient equals :class:`Backprop`'s (bit-identical on CPU) and reaches every tensor that affects the
+    output -- the latent, ``cond``, the network's parameters and tensors captured by closure -- through
+    both ``.backward()`` and ``torch.autograd.grad``. Cost: one extra forward pass of the dropped steps
+    per gradient. ``preserve_rng_state`` replays a network's own randomness (e.g. dropout) in the
+    recomputation; a step that draws no random numbers (compared RNG state before/after) skips the
+    save/restore.
     """
 
     keep: int = 1
