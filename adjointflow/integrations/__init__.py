@@ -10,5 +10,8 @@
   operator as the operator of :class:`~adjointflow.guidance.MeasurementLoss`.
 """
 from .diffusers_grids import SUPPORTED_SCHEDULERS, timesteps_from_diffusers
+from .diffusers_pipelines import SUPPORTED_PIPELINES, PipelineModel, from_pipeline
+from .diffusers_solvers import matching_solver
 
-__all__ = ["timesteps_from_diffusers", "SUPPORTED_SCHEDULERS"]
+__all__ = ["timesteps_from_diffusers", "SUPPORTED_SCHEDULERS", "from_pipeline", "PipelineModel",
+           "SUPPORTED_PIPELINES", "matching_solver"]
