@@ -21,7 +21,7 @@ export MKL_NUM_THREADS := 1
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: install test demo bench clean FORCE
+.PHONY: install test demo bench clean test-deepinv FORCE
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,5 +52,16 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-only -p no:cacheprovider -o testpaths=benchmarks
 
+# Optional: deepinv operators (tests/test_deepinv_operators.py) in their own environment. deepinv needs
+# torchvision, whose PyPI build is a CUDA one: pinned to the installed torch it does not replace it, but its
+# C++ ops cannot load over a CPU torch, which breaks transformers' imports in the same environment.
+DEEPINV_VENV ?= .venv-deepinv
+test-deepinv:
+	test -x $(DEEPINV_VENV)/bin/python || $(PY) -m venv $(DEEPINV_VENV)
+	$(DEEPINV_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(DEEPINV_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(DEEPINV_VENV)/constraints.txt
+	$(DEEPINV_VENV)/bin/python -m pip install -q -c $(DEEPINV_VENV)/constraints.txt -e . pytest "deepinv==0.5.0" torchvision
+	$(DEEPINV_VENV)/bin/python -m pytest -q tests/test_deepinv_operators.py
+
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(DEEPINV_VENV) demo_out

@@ -12,6 +12,8 @@
 from .diffusers_grids import SUPPORTED_SCHEDULERS, timesteps_from_diffusers
 from .diffusers_pipelines import SUPPORTED_PIPELINES, PipelineModel, from_pipeline
 from .diffusers_solvers import matching_solver
+from .deepinv_operators import DeepinvOperator
+from .latent_objectives import DecodedObjective, decoded
 
 __all__ = ["timesteps_from_diffusers", "SUPPORTED_SCHEDULERS", "from_pipeline", "PipelineModel",
-           "SUPPORTED_PIPELINES", "matching_solver"]
+           "SUPPORTED_PIPELINES", "matching_solver", "decoded", "DecodedObjective", "DeepinvOperator"]
