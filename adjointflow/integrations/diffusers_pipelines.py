@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..diffusers_adapter import _require_diffusers, from_diffusers
+from ..diffusers_adapter import _FlowTime, _require_diffusers, from_diffusers
 from ..models import Denoiser
 from .diffusers_grids import timesteps_from_diffusers
 from .diffusers_solvers import matching_solver
@@ -293,18 +293,6 @@ def from_pipeline(pipe, *, guidance_scale: float | None = None, true_cfg_scale: 
         mu = _calculate_shift((hw[0] // 2) * (hw[1] // 2), sch_cfg) if sch_cfg.get("use_dynamic_shifting") else None
         n_train = int(sch_cfg.get("num_train_timesteps", 1000))
         # the pipeline passes timestep / 1000 with timestep = sigma * N
-        den = from_diffusers(net, pipe.scheduler, net_time=_Scaled(n_train / 1000.0))
+        den = from_diffusers(net, pipe.scheduler, net_time=_FlowTime(n_train / 1000.0))
     return PipelineModel(pipe, den, int(height), int(width), int(channels), hw, packed, mu)
 
-
-class _Scaled:
-    """``t -> c t``."""
-
-    def __init__(self, c: float):
-        self.c = c
-
-    def __call__(self, t):
-        return t * self.c
-
-    def __repr__(self):
-        return f"lambda t: {self.c} * t"
