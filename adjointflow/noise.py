@@ -36,8 +36,10 @@ class BrownianNoise:
         W(m) = (W(a) + W(b)) / 2 + sqrt((b - a) / 4) Z_{l,k}     for the midpoint m of a level-l cell [a, b],
 
     where every ``Z ~ N(0, I)`` comes from a counter-based generator (Philox) keyed by ``(seed, l, k)``
-    alone. Cells are split down to width ``T 2^-depth`` (``depth`` = 30: about 1e-9); inside a finest
-    cell the path is linear. Dyadic times (every uniform grid of ``2^k`` steps) hit tree nodes exactly.
+    alone. Cells are split down to width ``T 2^-depth`` (``depth`` = 24: about 6e-8); inside a finest
+    cell the path is linear, so an increment over a step ``h`` has its variance right to within
+    ``T 2^-depth / (2h)`` relative (3e-4 for ``h = 1e-4``). Dyadic times (every uniform grid of ``2^k``
+    steps) hit tree nodes exactly.
     So the increments over nested grids are consistent (a coarse step's increment is the sum of the
     fine steps' increments inside it), the backward pass replays exactly the noise of the forward pass,
     and two objects with the same seed and shape give the same increments over any interval.
@@ -45,11 +47,14 @@ class BrownianNoise:
     Values are computed in float64 whatever ``dtype`` (so float32 and float64 users see one path) and
     then cast. On CPU the normals come from numpy's ``Philox``; on other devices from torch's generator
     of that device (seeded with a 64-bit hash of the key), so a CUDA path differs from the CPU one.
-    Cost: ``depth`` draws of ``shape`` per new query time (the last few times are cached).
+    Cost per new query time: about ``depth - log2(T/h)`` draws of ``shape`` for steps of size ``h`` (the
+    descent resumes from the previous one; recent values, up to 32 MiB, are cached), see
+    ``benchmarks/results/noise.md``.
     """
 
-    depth: ClassVar[int] = 30
-    _cache_size: ClassVar[int] = 4
+    depth: ClassVar[int] = 24
+    _cache_bytes: ClassVar[int] = 32 << 20  # recent values kept (at least 4): a backward pass replays them
+    _path_bytes: ClassVar[int] = 256 << 20  # keep the last descent (depth states) only below this size
 
     def __init__(self, shape, seed: int = 0, dtype: torch.dtype = torch.float32, device=None,
                  t0: float = 0.0, t1: float = 1.0):
@@ -68,49 +73,65 @@ class BrownianNoise:
         self.shape, self.seed, self.dtype = shape, seed, dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.t0, self.t1 = t0, t1
+        # CPU values are numpy float64 arrays (cheaper per operation than small tensors), others tensors
         self._w1 = math.sqrt(t1 - t0) * self._normal(0, 0)
-        self._cache: OrderedDict[float, Tensor] = OrderedDict()
+        self._points: OrderedDict[float, object] = OrderedDict()
+        # the last descent: _path[l] = (k, W(k 2^-l), W((k+1) 2^-l)) for the cells of levels 0..depth-1
+        self._path: list = [(0, 0.0, self._w1)]
+        nbytes = math.prod(shape) * 8
+        self._keep_path = nbytes * self.depth <= self._path_bytes
+        self._cache_size = max(4, min(1024, self._cache_bytes // nbytes))
 
     def __repr__(self):
         return f"BrownianNoise(shape={self.shape}, seed={self.seed}, dtype={self.dtype})"
 
-    def _normal(self, level: int, k: int) -> Tensor:
+    def _normal(self, level: int, k: int):
         """``Z_{level,k}``: standard normals of ``shape`` (float64) keyed by ``(seed, level, k)`` only."""
         key = (self.seed << 64) | (level << 48) | k
         if self.device.type == "cpu":
-            z = np.random.Generator(np.random.Philox(key=key)).standard_normal(self.shape)
-            return torch.from_numpy(np.asarray(z, dtype=np.float64).reshape(self.shape))
+            return np.random.Generator(np.random.Philox(key=key)).standard_normal(self.shape)
         g = torch.Generator(device=self.device)
         g.manual_seed(_mix64(key ^ (key >> 64)))
         return torch.randn(self.shape, generator=g, dtype=torch.float64, device=self.device)
 
-    def _value(self, u: float) -> Tensor:
-        """``W(t0 + u T)`` for ``u`` in ``[0, 1]`` (float64)."""
+    def _value(self, u: float):
+        """``W(t0 + u T)`` for ``u`` in ``(0, 1]``."""
         if u == 1.0:
             return self._w1
-        if u in self._cache:
-            self._cache.move_to_end(u)
-            return self._cache[u]
-        wa, wb, k = None, self._w1, 0  # cell [k 2^-l, (k+1) 2^-l] of level l; W(0) = 0 is None
+        if u in self._points:
+            self._points.move_to_end(u)
+            return self._points[u]
+        # Resume the descent from the deepest cell of the last one that holds u strictly inside: the
+        # descent from the root passes through exactly those cells, so the values are bit-identical.
+        path = self._path
+        level = len(path) - 1
+        while level > 0 and not (path[level][0] < u * 2.0**level < path[level][0] + 1):
+            level -= 1
+        del path[level + 1:]
+        k, wa, wb = path[level]
         scale = self.t1 - self.t0
         w = None
-        for level in range(1, self.depth + 1):
-            m = (2 * k + 1) * 2.0**-level  # exact: a dyadic rational
-            half = wb if wa is None else wa + wb
-            wm = 0.5 * half + math.sqrt(scale * 2.0 ** -(level + 1)) * self._normal(level, 2 * k + 1)
+        for level in range(level + 1, self.depth + 1):
+            # the midpoint (2k+1) 2^-level of the current cell (exact: a dyadic rational)
+            wm = 0.5 * (wa + wb) + math.sqrt(scale * 2.0 ** -(level + 1)) * self._normal(level, 2 * k + 1)
+            m = (2 * k + 1) * 2.0**-level
             if u == m:
                 w = wm
                 break
             if u < m:
-                wb, k = wm, 2 * k
+                k, wb = 2 * k, wm
             else:
-                wa, k = wm, 2 * k + 1
+                k, wa = 2 * k + 1, wm
+            if level < self.depth:
+                path.append((k, wa, wb))
         if w is None:
-            frac = u * 2.0**self.depth - k  # in [0, 1): position inside the finest cell
-            w = (wb * frac) if wa is None else wa + frac * (wb - wa)
-        self._cache[u] = w
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+            frac = u * 2.0**self.depth - k  # in (0, 1): position inside the finest cell
+            w = wa + frac * (wb - wa)
+        if not self._keep_path:
+            del path[1:]
+        self._points[u] = w
+        if len(self._points) > self._cache_size:
+            self._points.popitem(last=False)
         return w
 
     def __call__(self, t, t_next) -> Tensor:
@@ -122,6 +143,11 @@ class BrownianNoise:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         lo, hi = min(a, b), max(a, b)
         scale = self.t1 - self.t0
-        w_hi = self._value((hi - self.t0) / scale)
-        w = w_hi if lo == self.t0 else w_hi - self._value((lo - self.t0) / scale)
-        return (w if b > a else -w).to(self.dtype)
+        w = self._value((hi - self.t0) / scale)
+        if lo != self.t0:
+            w = w - self._value((lo - self.t0) / scale)
+        if b < a:
+            w = -w
+        # a fresh tensor: the caller may modify it, the cached values must not change
+        w = torch.from_numpy(np.array(w, dtype=np.float64)) if isinstance(w, np.ndarray) else w.clone()
+        return w.to(self.dtype)

@@ -305,7 +305,7 @@ def _forge(tmp_path, **meta_changes):
 @pytest.mark.parametrize("arch, match", [
     (dict(channels=32768, emb_dim=65536), "architecture needs"),  # ~1.4 TB of float32 if it were allocated
     (dict(channels=10**12), "ints in"),
-    (dict(channel_mult=list(range(1, 10**6))), "channel_mult"),
+    (dict(channel_mult=list(range(1, 10**4))), "channel_mult"),
     (dict(groups=0), "ints in"),
     (dict(channels=33), "arch|does not describe|do not match"),
     (dict(frobnicate=1), "keys among"),

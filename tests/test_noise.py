@@ -99,3 +99,19 @@ def test_seed_and_interval_are_checked():
         BrownianNoise((2,), t0=1.0, t1=0.0)
     n = BrownianNoise((2,), seed=0, dtype=torch.float64, t0=-1.0, t1=3.0)
     assert torch.allclose(n(-1.0, 1.0) + n(1.0, 3.0), n(-1.0, 3.0), atol=1e-14)
+
+
+def test_caches_do_not_change_the_path(monkeypatch):
+    """Without the descent and value caches (as for very large shapes) the increments are the same bits."""
+    times = [1.0, 0.73, 0.5, 0.31, 0.3, 0.125, 0.01, 0.3, 0.73]
+    cached = BrownianNoise((4,), seed=7, dtype=torch.float64)
+    a = [cached(s, t) for s, t in zip(times[:-1], times[1:])]
+    monkeypatch.setattr(BrownianNoise, "_path_bytes", 0)
+    monkeypatch.setattr(BrownianNoise, "_cache_bytes", 0)
+    bare = BrownianNoise((4,), seed=7, dtype=torch.float64)
+    assert not bare._keep_path
+    for (s, t), w in zip(zip(times[:-1], times[1:]), a):
+        assert torch.equal(bare(s, t), w)
+    w = bare(0.5, 0.25)
+    w.add_(1.0)  # the caller owns the returned tensor: the cached values are unchanged
+    assert torch.equal(bare(0.5, 0.25), cached(0.5, 0.25))
