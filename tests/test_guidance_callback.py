@@ -114,15 +114,47 @@ def test_default_progress_bar_appears_only_after_the_delay(monkeypatch, capsys):
 
 def test_noise_floor_is_the_expected_loss_at_the_truth():
     g = torch.Generator().manual_seed(1)
+    n = 20000
+    # overdetermined: rank 5 of 6 measurements; one direction of y no image explains
     A = torch.randn(6, 5, generator=g, dtype=D)
-    truth = torch.randn(1, 5, generator=g, dtype=D)
-    ys = truth @ A.T + 0.2 * torch.randn(20000, 6, generator=g, dtype=D)
-    obj = MeasurementLoss(MatrixOperator(A), ys, 0.2)
-    at_truth = obj(truth.expand(20000, 5))
-    floor = obj.noise_floor(truth.expand(20000, 5))
-    assert float(floor[0]) == 3.0  # m/2 with m = 6
-    # mean of a chi^2_6/2 sample: standard error sqrt(6/2)/sqrt(20000) ~ 0.012
-    assert abs(float(at_truth.mean()) - 3.0) < 0.05
+    truth = torch.randn(1, 5, generator=g, dtype=D).expand(n, 5)
+    obj = MeasurementLoss(MatrixOperator(A), truth @ A.T + 0.2 * torch.randn(n, 6, generator=g, dtype=D), 0.2)
+    floor, at_truth = obj.noise_floor(truth), obj(truth)
+    # E[L(truth)] = m/2 = 3: chi^2_6 / 2, standard error sqrt(3 / n) ~ 0.012
+    assert abs(float(at_truth.mean()) - 3.0) < 0.05 and abs(float(floor.mean()) - 3.0) < 0.05
+    # per sample: 5/2 plus the observed out-of-range part, which is the same for every image
+    P = A @ torch.linalg.pinv(A)
+    r = obj.y - obj.y @ P.T
+    torch.testing.assert_close(floor, 2.5 + 0.5 * r.pow(2).sum(1) / 0.04)
+    assert bool((floor >= 2.5).all())
+    # inpainting: noise in every entry of y vs noise-free zeros where unobserved
+    from adjointflow.guidance import Downsample, Inpaint
+
+    mask = (torch.rand(4, 4, generator=g) > 0.5).to(D)
+    x = torch.randn(n, 1, 4, 4, generator=g, dtype=D)
+    noise = 0.1 * torch.randn(n, 1, 4, 4, generator=g, dtype=D)
+    everywhere = MeasurementLoss(Inpaint(mask), mask * x + noise, 0.1)
+    observed_only = MeasurementLoss(Inpaint(mask), mask * (x + noise), 0.1)
+    assert abs(float(everywhere.noise_floor(x).mean()) - 8.0) < 0.05  # m/2, m = 16
+    assert abs(float(everywhere(x).mean()) - 8.0) < 0.05
+    torch.testing.assert_close(observed_only.noise_floor(x), torch.full((n,), 0.5 * float(mask.sum()), dtype=D))
+    assert abs(float(observed_only(x).mean()) - 0.5 * float(mask.sum())) < 0.05
+    sr = MeasurementLoss(Downsample(2), torch.zeros(3, 1, 2, 2, dtype=D), 0.1)
+    torch.testing.assert_close(sr.noise_floor(x[:3]), torch.full((3,), 2.0, dtype=D))  # full rank: m/2
+
+
+def test_step_scale_makes_sgd_steps_independent_of_the_noise_level():
+    den, _, x = setup()
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(2, 4, generator=g, dtype=D)
+    y = torch.randn(2, generator=g, dtype=D)
+    outs = []
+    for sigma in (0.01, 0.3):
+        obj = MeasurementLoss(MatrixOperator(A), y, sigma)
+        assert obj.step_scale == sigma**2
+        outs.append(FlowChef(steps=6, optimizer="sgd", lr=0.5).run(den, obj, x).x)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(outs[0], af.solve(den, x, af.timesteps(den.schedule, 6), af.Euler()).x)
 
 
 @pytest.mark.parametrize("method", [DFlow(steps=3, iterations=20, max_iter=5),

@@ -112,7 +112,7 @@ def test_adam_is_scale_free_and_identity_measurement_converges_to_y():
     g1 = torch.tensor([0.5, 0.4], dtype=D)
     u = den(x, g1[0]).velocity
     for c in (1.0, 1e3):
-        out = FlowChef(grid=g1, lr=0.05).run(den, lambda v: c * ((v - y) ** 2).sum(1), x).x
+        out = FlowChef(grid=g1, lr=0.05, optimizer="adam").run(den, lambda v: c * ((v - y) ** 2).sum(1), x).x
         g = c * 2 * (x - 0.5 * u - y)
         torch.testing.assert_close(out, x - 0.05 * g / (g.abs() + 1e-8) - 0.1 * u, rtol=1e-12, atol=1e-12)
     # with A = I and noiseless y, the output approaches y as the step grows (methods.md §8.4)
@@ -127,7 +127,7 @@ def test_vp_schedule_and_counts():
     den = prior.denoiser(af.VPLinear(), "eps")
     x = torch.randn(32, 2, generator=torch.Generator().manual_seed(0), dtype=D)
     plain = af.solve(den, x, af.timesteps(af.VPLinear(), 50), af.Euler()).x
-    for fc in (FlowChef(steps=50, lr=0.1, optimizer="sgd"), FlowChef(steps=50, lr=0.1)):
+    for fc in (FlowChef(steps=50, lr=0.1, optimizer="sgd"), FlowChef(steps=50, lr=0.1, optimizer="adam")):
         res = fc.run(den, observe, x)
         assert float(observe(res.x).mean()) < 0.02 * float(observe(plain).mean()), fc
         assert (res.nfe, res.vjps) == (50, 0)

@@ -120,6 +120,9 @@ def adjoint(solver, denoiser, grid, x_end: Tensor, grad_end: Tensor, cond=None, 
         with torch.no_grad():
             back = solve(denoiser, x_end.detach(), grid.flip(0), solver, cond=cond, save_trajectory=True)
         xs = list(back.trajectory.flip(0).unbind(0))
+    from .thresholds import warn_if_too_few_steps
+
+    warn_if_too_few_steps(solver, gradient.form, gradient.order, len(grid) - 1)
     model = AdjointModel(denoiser, xs, cond, params, sde=solver.stochastic, form=gradient.form, order=gradient.order)
     adj = integrate_adjoint(solver, model, grid, grad_end)
     n_in = len(keys)

@@ -224,6 +224,9 @@ class ContinuousAdjoint(GradientStrategy):
         stats: dict = {}
         x, inputs = problem.x, (*cond_t, *params)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *inputs)):
+            from .thresholds import warn_if_too_few_steps
+
+            warn_if_too_few_steps(problem.solver, self.form, self.order, len(problem.grid) - 1)
             job = dict(denoiser=problem.denoiser, cond=problem.cond, params=params, solver=problem.solver,
                        grid=problem.grid, bound=problem.bound, form=self.form, order=self.order, stats=stats,
                        check_finite=problem.check_finite)

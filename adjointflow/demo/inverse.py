@@ -44,6 +44,10 @@ class InverseRun:
 
 def pick_digits(x: Tensor, labels: Tensor, n: int) -> Tensor:
     """The first test image of each class 0, 1, 2, ... in turn, so a small batch shows varied digits."""
+    return x[_picked(labels, n)]
+
+
+def _picked(labels: Tensor, n: int) -> list[int]:
     idx, used = [], set()
     for rnd in range(n):
         for c in range(10):
@@ -53,18 +57,30 @@ def pick_digits(x: Tensor, labels: Tensor, n: int) -> Tensor:
             if len(hits) > rnd:
                 idx.append(hits[0])
                 used.add(hits[0])
-    return x[idx]
+    return idx
 
 
-def make_tasks(n: int, sigma_y: float, seed: int) -> list[Task]:
+#: test-split digits the demo may report (the first of each class in turn, up to this many); validation
+#: digits for choosing settings are drawn from the rest of the test split
+REPORTED = 20
+
+
+def make_tasks(n: int, sigma_y: float, seed: int, validation: bool = False) -> list[Task]:
     """Inpainting of a missing central 8x8 box and 2x average-pool super-resolution, both with Gaussian
-    measurement noise ``sigma_y`` (pixels in [-1, 1])."""
+    measurement noise ``sigma_y`` (pixels in [-1, 1]). ``validation=True`` draws the digits from the
+    test images the demo never reports (disjoint from the first :data:`REPORTED` picks), for tuning."""
     from ..guidance import Downsample, Inpaint
     from .digits import load_digits_tensor
 
     x, labels = load_digits_tensor("test")
+    if validation:
+        keep = torch.ones(len(x), dtype=torch.bool)
+        keep[_picked(labels, REPORTED)] = False
+        x, labels = x[keep], labels[keep]
+    elif n > REPORTED:
+        raise ValueError(f"the demo reports at most {REPORTED} digits, got n={n}")
     truth = pick_digits(x, labels, n)
-    g = torch.Generator().manual_seed(seed + 1)
+    g = torch.Generator().manual_seed(seed + 1 + (1000 if validation else 0))
     mask = torch.ones(16, 16)
     mask[4:12, 4:12] = 0
     tasks = []

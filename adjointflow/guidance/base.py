@@ -32,7 +32,7 @@ from ..models import Denoiser
 
 __all__ = ["GuidanceResult", "GuidanceStep", "RunMonitor", "STOP_REASONS", "Counter", "CountedDenoiser",
            "evaluate_objective", "check_run_inputs", "sampling_grid", "resolve_noise", "progress_bar", "Timer",
-           "check_callback", "check_progress", "check_discrepancy", "discrepancy_target"]
+           "check_callback", "check_progress", "check_discrepancy", "discrepancy_target", "step_scale"]
 
 #: why a run ended: it ran its budget, L-BFGS converged, every sample fit the data to the noise
 #: level (discrepancy principle), the callback asked to stop, or Ctrl-C
@@ -337,6 +337,13 @@ def discrepancy_target(objective, x: Tensor, tau) -> Tensor | None:
         return None
     with torch.no_grad():
         return float(tau) * floor(x.detach()).detach().to(torch.float64).cpu()
+
+
+def step_scale(objective) -> float:
+    """The objective's ``step_scale`` (e.g. ``sigma_y^2`` for a Gaussian
+    :class:`~adjointflow.guidance.MeasurementLoss`, whose loss scales as ``1/sigma_y^2``), else 1.
+    SGD steps ``lr * step_scale * grad L`` make ``lr`` independent of the noise level."""
+    return float(getattr(objective, "step_scale", 1.0))
 
 
 def check_discrepancy(tau) -> None:

@@ -585,12 +585,36 @@ class MeasurementLoss:
         return 0.5 * (self._weights(y) * r * r).reshape(r.shape[0], -1).sum(1)
 
     def noise_floor(self, x0: Tensor) -> Tensor:
-        """``(batch,)``: the expected loss at the true signal, ``E[L(x_true)] = m/2`` for ``m``
-        measured entries per sample (exact for Gaussian noise, approximate for the Poisson
-        surrogate). A fit below it explains noise; guidance stops there by the discrepancy principle."""
+        """``(batch,)`` float64: the expected loss at the true signal, ``E[L(x_true)]``, given ``y``.
+
+        Gaussian noise and an operator with an SVD: ``r/2 + ||(I - P) y||^2 / (2 sigma^2)`` with ``r``
+        the rank of ``A`` and ``P`` the projection onto its range: the measurements ``A`` sees carry
+        noise of expected loss ``r/2``, and the part of ``y`` outside the range is the same for every
+        image (for noise in every entry of ``y`` this is ``m/2`` on average; with ``Inpaint`` and
+        noise-free zeros where unobserved, half the observed count). Otherwise ``m/2`` for ``m``
+        entries per measurement (approximate for the Poisson surrogate). Fitting below it explains
+        noise: guidance stops there by the discrepancy principle."""
         ax = self.operator(x0)
-        m = self._y_like(ax)[0].numel()
-        return torch.full((x0.shape[0],), 0.5 * m, dtype=torch.float64)
+        y = self._y_like(ax).detach()
+        b = x0.shape[0]
+        op = self.operator
+        if self.noise != "gaussian" or not op.has_svd:
+            return torch.full((b,), 0.5 * y[0].numel(), dtype=torch.float64)
+        seen = op.singular_values(x0) != 0
+        rank = int(seen.sum())
+        in_range = (op.svd_ut(y).double() * seen).reshape(b, -1).pow(2).sum(1)
+        outside = (y.double().reshape(b, -1).pow(2).sum(1) - in_range).clamp_min(0.0)
+        return (0.5 * rank + 0.5 * outside / self.sigma**2).cpu()
+
+    @property
+    def step_scale(self) -> float:
+        """The factor that makes a gradient step dimensionless: ``sigma^2`` for Gaussian noise (so
+        ``step_scale * grad L = A^T (A x - y)``), ``sigma * max(mean(y), sigma)`` for the Poisson
+        surrogate (its typical weight ``1/(sigma y)``). Guidance methods' SGD steps are
+        ``lr * step_scale * grad L``."""
+        if self.noise == "gaussian":
+            return self.sigma**2
+        return self.sigma * max(float(self.y.double().mean()), self.sigma)
 
     def residual_norm(self, x0: Tensor) -> Tensor:
         """``sigma sqrt(2 L(x0))``: ``||y - A(x0)||`` for Gaussian noise, its noise-weighted
