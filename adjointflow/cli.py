@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser", "CLIError"]
 
-# Set before anything imports torch / diffusers / matplotlib (DESIGN.md §6): on the 2-core machines
+# Set before anything imports torch / diffusers / matplotlib (docs/design.md §9): on the 2-core machines
 # two torch threads can run ~30x slower than one.
 for _k, _v in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("HF_HUB_OFFLINE", "1"), ("MPLBACKEND", "Agg")):
     os.environ.setdefault(_k, _v)

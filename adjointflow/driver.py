@@ -222,7 +222,8 @@ def solve(
     increasing to invert (ODE solvers only). ``cond`` (tensor or dict of tensors, batch-first) is
     passed to the network. ``gradient`` picks how gradients flow back (default
     :class:`~adjointflow.adjoint.Backprop`, plain autograd). Stochastic solvers draw from ``noise``
-    (a :class:`~adjointflow.noise.BrownianNoise`; default: one seeded with 0). ``callback(StepInfo)``
+    (a :class:`~adjointflow.noise.BrownianNoise`; default: one seeded from torch's generator, so
+    ``torch.manual_seed`` reproduces it). ``callback(StepInfo)``
     runs after every step and may return a replacement state (guidance uses it).
 
     Everything that depends only on the schedule and the grid is planned once, in float64, before the

@@ -341,7 +341,7 @@ class Denoiser(nn.Module):
         if not out.is_floating_point():
             raise TypeError(f"network returned dtype {out.dtype}; expected a floating-point tensor")
         if out.dtype != x.dtype:
-            # e.g. a network under autocast: the state keeps the user's dtype (DESIGN §2)
+            # e.g. a network under autocast: the state keeps the user's dtype (docs/design.md §2)
             out = out.to(x.dtype)
         if self.noise_at_zero and self.prediction == "velocity":
             out = -out

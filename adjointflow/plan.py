@@ -10,7 +10,7 @@ reads its row: no schedule evaluation, no float64 round trip, no host synchronis
 
 Decisions (order of a warm-up step, first-order steps at singular ends, ``lower_order_final``,
 conversions that do not exist where ``alpha = 0`` or ``sigma = 0``) are made here, from float64 values,
-before the loop. See ``notes/PLAN_API.md`` in the repository's notes for a worked example.
+before the loop. See docs/design.md §4 (the step protocol) for a worked example.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Noise schedules of Gaussian probability paths ``x_t = alpha(t) x_0 + sigma(t) eps``.
 
-Convention (DESIGN.md §2): ``t`` in ``[0, 1]``, ``t = 0`` is data, ``t = 1`` the prior. All
+Convention (docs/design.md §2): ``t`` in ``[0, 1]``, ``t = 0`` is data, ``t = 1`` the prior. All
 coefficients are computed in float64; ``lambda(t) = log(alpha/sigma)`` is the half log-SNR, the
 variable of exponential integrators (Lu et al. 2022, DPM-Solver).
 

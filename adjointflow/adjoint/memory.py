@@ -5,7 +5,7 @@ block (forward, autograd backward, factory functions) from the moment it is firs
 is freed, and records the maximum of the running total. Tensors that existed before the block
 (parameters, inputs) are not counted, so ``peak`` is the extra memory a computation needs.
 
-Why not the alternatives (DESIGN.md §7): ``tracemalloc``/RSS miss torch's allocator or read the
+Why not the alternatives (docs/design.md §9): ``tracemalloc``/RSS miss torch's allocator or read the
 parent's peak, and a ``saved_tensors_hooks`` byte sum counts everything ever saved rather than
 what is alive at once, which makes an adjoint (many short-lived graphs) look larger than backprop.
 """

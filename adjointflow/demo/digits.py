@@ -4,7 +4,7 @@ Everything here runs on one CPU thread in minutes and needs no download: the dat
 ``sklearn.datasets.load_digits`` (1797 images, pixel values 0..16), upsampled bilinearly to
 16x16 and scaled to ``[-1, 1]``.
 
-Convention (the library's, see DESIGN.md): ``t`` in ``[0, 1]``, ``t = 0`` data, ``t = 1`` noise,
+Convention (the library's, see docs/design.md §2): ``t`` in ``[0, 1]``, ``t = 0`` data, ``t = 1`` noise,
 rectified-flow path ``x_t = (1 - t) x0 + t eps`` (``adjointflow.schedules.LinearFlow``), and the
 network predicts the velocity ``v = dx_t/dt = eps - x0`` (prediction ``"velocity"``). Sampling
 integrates from ``t = 1`` down to ``t = 0``.

@@ -44,7 +44,7 @@ class AdjointGuidance:
     Fields (defaults and their source):
 
     * ``solver = DDIM()``, ``steps = 4`` -- the paper samples with 20 DDIM steps (N = M = 20); on the
-      digits demo's tasks 4 steps and 100 iterations beat the hand-tuned 5-step settings by 1.4-1.6 dB at
+      digits demo's tasks 4 steps and 100 iterations beat the hand-tuned 5-step settings by 1.3-1.5 dB at
       the same NFE (``benchmarks/results/guidance_defaults.md``), where 20 steps cost 5x per iteration.
     * ``gradient = None`` -> ``Backprop()``: the exact gradient of the solver that was run, keeping
       ``steps`` network graphs. ``Checkpoint()``: the same gradient with memory flat in the steps

@@ -66,11 +66,12 @@ class DFlow:
     Fields (defaults and their source):
 
     * ``solver = DDIM()``, ``steps = 4`` -- chosen on the digits demo's tasks (validation digits the
-      demo does not report; ``benchmarks/test_bench_guidance_defaults.py``): a 4-step first-order map is
-      smooth enough to optimise through, and with the discrepancy stop it beat the hand-tuned
-      regularised settings by 3-4 dB at about their NFE, where the re-implementations' midpoint (Heun)
-      at 6 steps cost 5x the NFE for less and Heun at 3 steps fails (20 dB). DDIM is Euler on a
-      rectified flow and the robust first-order step for diffusion schedules. ``grid`` overrides ``steps``.
+      demo does not report; ``benchmarks/results/guidance_defaults.md``): a 4-step first-order map is
+      smooth enough to optimise through; with the discrepancy stop it is within 0.4 dB of (inpainting)
+      or 1.3 dB above (2x super-resolution) the demo's hand-tuned regularised settings at 0.8-0.9x
+      their NFE. The re-implementations' midpoint (Heun) at 6 steps costs 3x per evaluation.
+      DDIM is Euler on a rectified flow and the robust first-order step for diffusion schedules.
+      ``grid`` overrides ``steps``.
     * ``gradient = None`` -> ``Backprop()``: the exact gradient of the discrete solve, keeping ``steps``
       network graphs; ``Checkpoint()`` gives the same gradient with memory flat in the steps at about
       1.7x the time (large models), ``ContinuousAdjoint()`` an approximation.
@@ -80,8 +81,8 @@ class DFlow:
       no further evaluation (converged).
     * ``tolerance_grad = 1e-7``, ``tolerance_change = 1e-9`` -- torch's L-BFGS defaults.
     * ``regularizer = None`` (``"gaussian"`` or ``"chi"``), ``reg_weight = 1.0`` (PnP-Flow uses 0.01
-      with ``"chi"``). With the discrepancy stop no regulariser is needed (the stop is the
-      regularisation); ``"gaussian"`` gave the same PSNR at 3-5x the evaluations on the digits tasks.
+      with ``"chi"``). With the discrepancy stop no regulariser is needed: the stop is the
+      regularisation.
     * ``blend = None`` -- e.g. 0.1 (PnP-Flow; FlowChef's latent re-implementation); needs a
       :class:`MeasurementLoss` with a linear operator (its pseudo-inverse).
     * ``discrepancy = 1.0`` -- Morozov's discrepancy principle: a sample stops once its data loss is at
