@@ -63,7 +63,8 @@ class ModelCall:
 
     def replay(self) -> "ModelCall":
         """The same model with a throwaway record (checkpointing's recomputation of recorded evaluations)."""
-        return ModelCall(self.denoiser, self.cond, False)
+        # same check mode as the solve (a compiled step specialises on it); its record is never checked
+        return ModelCall(self.denoiser, self.cond, self.record.mode)
 
     def __call__(self, x: Tensor, t) -> Prediction:
         raw = self.denoiser.raw(x, t, self.cond)
@@ -88,7 +89,7 @@ class Problem:
     progress: bool = False
     bound: BoundPlan | None = None
     check_finite: Any = True
-    compile: bool = False
+    compile: Any = None  # torch.compile backend (name or callable), or None for eager steps
 
     def __post_init__(self):
         if self.bound is None:
@@ -96,6 +97,14 @@ class Problem:
 
     def model(self) -> ModelCall:
         return ModelCall(self.denoiser, self.cond, self.check_finite)
+
+    def step(self):
+        """``step(model, state, row, noise)``: the solver's step, compiled when ``compile`` names a backend."""
+        if self.compile is None:
+            return self.solver.step
+        from .compiled import compiled_step
+
+        return compiled_step(self.bound, self.solver, self.compile)
 
 
 def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, stop: int | None = None,
@@ -108,7 +117,7 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
     ``check_finite="step"``.
     """
     rows, times, noise, cb = problem.bound.rows, problem.bound.plan.times, problem.noise, problem.callback
-    step = problem.solver.step if step is None else step
+    step = problem.step() if step is None else step
     stop = len(rows) if stop is None else stop
     record, x = model.record, state.x
     bar = None
@@ -214,7 +223,7 @@ def solve(
     progress: bool = False,
     callback: Callable[[StepInfo], Tensor | None] | None = None,
     check_finite=True,
-    compile: bool = False,
+    compile=False,
 ) -> Solution:
     """Integrate ``x`` from ``grid[0]`` to ``grid[-1]`` with ``solver`` under ``denoiser``.
 
@@ -232,7 +241,8 @@ def solve(
     :class:`~adjointflow.errors.NonFiniteError` names the first bad step, its time and whether the model
     or the update went bad. ``check_finite="step"`` checks after every step instead (debugging; one sync
     per step), ``False`` turns the check off. ``compile=True`` runs each step through ``torch.compile``
-    (``fullgraph=True``; the rows are tensors, so one compiled step serves the whole grid).
+    (``fullgraph=True``; the rows are tensors, so one compiled step serves the whole grid; a string picks
+    the backend, e.g. ``"aot_eager"``); where torch.compile cannot run it raises, never falls back.
 
     Returns a :class:`Solution`.
     """
@@ -256,8 +266,8 @@ def solve(
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
     check_finite_mode(check_finite)
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be a bool, got {compile!r}")
+    from .compiled import check_compile
+
     problem = Problem(denoiser, x, grid, solver, cond, noise, callback, save_trajectory, progress,
-                      check_finite=check_finite, compile=compile)
+                      check_finite=check_finite, compile=check_compile(compile))
     return gradient.run(problem)

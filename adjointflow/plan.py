@@ -198,8 +198,7 @@ def _eval_points(nodes: Nodes, denoiser, x: Tensor, floats: list) -> list[tuple]
 
 def _collect(v: Any, out: list) -> None:
     if type(v) is float:
-        if v == v:  # NaN marks a coefficient the step does not read: it becomes None
-            out.append(v)
+        out.append(v)
     elif isinstance(v, tuple):
         for e in v:
             _collect(e, out)
@@ -210,7 +209,7 @@ def _bind(v: Any, evals: list, values) -> Any:
     if tv is At:
         return evals[v]
     if tv is float:
-        return next(values) if v == v else None
+        return next(values)
     if isinstance(v, tuple):
         out = [_bind(e, evals, values) for e in v]
         return tv._make(out) if hasattr(tv, "_make") else tuple(out)

@@ -44,9 +44,9 @@ class Backprop(GradientStrategy):
 
 
 # --- Checkpoint ---------------------------------------------------------------------------------
-def _checkpointed(solver, preserve_rng_state: bool):
-    """``step`` with its saved activations recomputed in the backward pass (:mod:`.recompute`): only the
-    step's input state is kept. The recomputation calls the model again with a throwaway record (the
+def _checkpointed(base_step, preserve_rng_state: bool):
+    """``base_step`` with its saved activations recomputed in the backward pass (:mod:`.recompute`): only
+    the step's input state is kept. The recomputation calls the model again with a throwaway record (the
     forward pass already recorded and checked those evaluations)."""
     from ..solvers.base import State
     from .recompute import RecomputedStep
@@ -55,10 +55,10 @@ def _checkpointed(solver, preserve_rng_state: bool):
 
     def step(model, state, c, noise=None):
         if not torch.is_grad_enabled():
-            return solver.step(model, state, c, noise)
+            return base_step(model, state, c, noise)
         replay = model.replay()
-        frame = RecomputedStep(lambda *ts: solver.step(replay, State.from_tensors(ts), c, noise), state.tensors(), live)
-        return frame.run(lambda: solver.step(model, state, c, noise), preserve_rng_state)
+        frame = RecomputedStep(lambda *ts: base_step(replay, State.from_tensors(ts), c, noise), state.tensors(), live)
+        return frame.run(lambda: base_step(model, state, c, noise), preserve_rng_state)
 
     return step
 
@@ -106,7 +106,7 @@ class Checkpoint(GradientStrategy):
         n = len(problem.bound.rows)
         split = max(n - self.keep, 0)
         state = integrate(problem, model, state, 0, split, trajectory=traj,
-                          step=_checkpointed(problem.solver, self.preserve_rng_state))
+                          step=_checkpointed(problem.step(), self.preserve_rng_state))
         state = integrate(problem, model, state, split, n, trajectory=traj)
         model.record.check()
         return Solution(state.x, torch.stack(traj) if traj is not None else None, model.nfe, problem.grid)

@@ -42,10 +42,10 @@ class MultistepRow(NamedTuple):
     s: At  # model evaluation at t_s
     k: int  # order of this step (warm-up, lower_order_final, singular ends)
     first: FirstOrder  # (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) m_0 (or its limit at a singular end)
-    r0: float  # h_{i-1} / h
-    r1: float  # h_{i-2} / h
+    r0: float  # h_{i-1} / h (NaN where there is no previous step)
+    r1: float | None  # h_{i-2} / h (3M only)
     w1: float  # weight of D1: k = 2: 1/2 alpha_t (1 - e^{-h}) (midpoint) or alpha_t h phi_2(-h) (heun); k = 3: the latter
-    w2: float  # weight of D2 (3M): 2 alpha_t h phi_3(-h)
+    w2: float | None  # weight of D2 (3M only): 2 alpha_t h phi_3(-h)
     starter: Stage2 | None  # the 2S step replacing a first-order warm-up step (warmup="singlestep")
 
 
@@ -140,6 +140,8 @@ class DPMSolverPP(ExponentialIntegrator):
         lam = plan.nodes.lam
         r0, r1 = ratios(st, lam, 1), ratios(st, lam, 2)
         starters = singlestep2_stages(plan, st, "x0", self.solver_type, [i for i, (_, s) in enumerate(orders) if s])
+        if self.order < 3:  # fields a 2M/1M step never reads (None, not NaN: no tensor bound for them)
+            r1 = w2 = [None] * plan.n
         return [MultistepRow(plan.at(i), k, firsts[i], r0[i], r1[i], w1[i], w2[i], starters.get(i))
                 for i, (k, _) in enumerate(orders)]
 
@@ -187,7 +189,8 @@ class DPMSolverPP(ExponentialIntegrator):
             extra = dict(zip(three, cols))
         rows = []
         for i, k in enumerate(ks):
-            rest = extra.get(i, (None, None, None, None, _NAN, _NAN, _NAN, _NAN, _NAN))
+            # 3S fields: NaN on a step that does not use them, None when the solver never does
+            rest = extra.get(i, (None, None, None, None, *([_NAN if self.order == 3 else None] * 5)))
             rows.append(SinglestepRow(plan.at(i), k, firsts[i], two.get(i), *rest))
         return rows
 

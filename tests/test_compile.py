@@ -1,0 +1,117 @@
+"""torch.compile-friendly steps: no graph break in any solver's step, one compiled step reused for every step
+of a grid (the number of compiled variants does not grow with N), output equal to the eager solve, and
+clear errors instead of a silent eager fallback. Backends "eager"/counting keep these tests cheap (the
+inductor comparison is in benchmarks/test_bench_compile.py)."""
+import pytest
+import torch
+
+import adjointflow as af
+from adjointflow.compiled import _step_body
+from adjointflow.driver import ModelCall
+from adjointflow.plan import bound_plan
+from adjointflow.solvers.base import State
+
+from solver_list import ALL_SOLVERS, ODE_SOLVERS
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.f = torch.nn.Linear(9, 8)
+
+    def forward(self, x, t):
+        return self.f(torch.tanh(torch.cat([x, t[:, None].to(x.dtype)], 1)))
+
+
+class Counting:
+    """A torch.compile backend that counts the graphs it is given and runs them eagerly."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def setup(kind="vp"):
+    if kind == "flow":
+        return af.Denoiser(Net(), af.LinearFlow(), "velocity"), torch.randn(2, 8)
+    return af.Denoiser(Net(), af.VPLinear(), "eps"), torch.randn(2, 8)
+
+
+@pytest.mark.parametrize("name, factory", [(s[0], s[1]) for s in ODE_SOLVERS], ids=[s[0] for s in ODE_SOLVERS])
+def test_steps_trace_without_graph_breaks(name, factory):
+    """The warm-up, multistep and final steps of a 6-step grid, traced as one function by dynamo."""
+    solver = factory()
+    den, x = setup()
+    grid = af.timesteps(den.schedule, 6)
+    bound = bound_plan(solver, den, grid, x)
+    model = ModelCall(den)
+    state = solver.init(model, x, grid)
+
+    def three_steps(tensors, r0, r1, r_last):
+        calls = []
+        for c in (r0, r1, r_last):
+            tensors, step_calls = _step_body(solver, model, True, tensors, c, None)
+            calls += step_calls
+        return tensors, calls
+
+    # the last row with the history a state carries there
+    with torch.no_grad():
+        ex = torch._dynamo.explain(three_steps)(state.tensors(), bound.rows[0], bound.rows[1], bound.rows[-1])
+    assert ex.graph_break_count == 0, ex.break_reasons
+    assert ex.graph_count == 1
+
+
+@pytest.mark.parametrize("name, factory, order, kind", ALL_SOLVERS, ids=[s[0] for s in ALL_SOLVERS])
+def test_compiled_once_per_kind_of_step_and_equal_to_eager(name, factory, order, kind):
+    den, x = setup()
+    ns = (24, 48) if name == "dpmpp_3m" else (24,)  # one solver at two grid sizes: the count does not grow
+    graphs = []
+    for n in ns:
+        backend = Counting()
+        noise = af.BrownianNoise((2, 8), seed=3) if kind == "sde" else None
+        with torch.no_grad():
+            out = af.solve(den, x, af.timesteps(den.schedule, n), factory(), compile=backend, noise=noise).x
+            ref = af.solve(den, x, af.timesteps(den.schedule, n), factory(), noise=noise).x
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        graphs.append(backend.graphs)
+    # one graph per kind of step (warm-up/starter, multistep, ...), reused for the other steps
+    assert len(set(graphs)) == 1 and graphs[0] <= 3, graphs
+
+
+def test_compiled_gradients_equal_eager_for_every_strategy():
+    den, x0 = setup()
+    grid = af.timesteps(den.schedule, 8)
+    params = list(den.net.parameters())
+
+    def grads(strategy, compile):
+        x = x0.clone().requires_grad_(True)
+        out = af.solve(den, x, grid, af.DPMSolverPP(order=3), gradient=strategy, compile=compile).x
+        return torch.autograd.grad(out.square().sum(), [x, *params])
+
+    for strategy in (af.Backprop(), af.adjoint.Checkpoint(keep=0), af.adjoint.ContinuousAdjoint()):
+        for a, b in zip(grads(strategy, "aot_eager"), grads(strategy, False)):
+            assert (a - b).norm() <= 1e-5 * b.norm()  # float32 rounding (decomposed ops)
+
+
+def test_compile_errors_are_clear(monkeypatch):
+    den, x = setup()
+    grid = af.timesteps(den.schedule, 4)
+    with pytest.raises(ValueError, match="unknown torch.compile backend"):
+        af.solve(den, x, grid, af.Euler(), compile="no-such-backend")
+    with pytest.raises(TypeError, match="compile"):
+        af.solve(den, x, grid, af.Euler(), compile=3)
+
+    class Breaks(torch.nn.Module):
+        def forward(self, x, t):
+            torch._dynamo.graph_break()  # e.g. an untraceable call inside a user network
+            return x * t[:, None]
+
+    with pytest.raises(RuntimeError, match="could not compile a Euler step"):
+        af.solve(af.Denoiser(Breaks(), af.VPLinear(), "eps"), x, grid, af.Euler(), compile="eager")
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.raises(RuntimeError, match="not supported"):
+        af.solve(den, x, grid, af.Euler(), compile=True)
