@@ -26,7 +26,9 @@ def test_rows_are_bound_tensors_of_the_state_dtype_and_evaluation_points():
     assert r.k == 3 and r.s is bound.evals[3] and r.s.t_net.shape == (2,)
     for v in (r.first.a, r.first.b, r.r0, r.r1, r.w1, r.w2):
         assert isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.ndim == 0
-    assert bound.rows[0].starter is not None and bound.rows[1].r1 is None  # NaN placeholders become None
+    assert bound.rows[0].starter is not None and bool(torch.isnan(bound.rows[1].r1))  # no step i - 2 yet
+    two = af.DPMSolverPP(order=2).plan(sch, af.timesteps(sch, 6)).bind(den, x)
+    assert two.rows[3].r1 is None and two.rows[3].w2 is None  # never read by a 2M step: nothing bound
 
 
 @pytest.mark.parametrize("solver", [af.DPMSolverPP(order=2), af.DEIS(order=3), af.Heun()], ids=repr)
