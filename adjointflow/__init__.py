@@ -12,7 +12,7 @@ from .models import ClassifierFreeGuidance, Denoiser, Prediction
 from .noise import BrownianNoise
 from .schedules import EDM, VE, LinearFlow, NoiseSchedule, VPCosine, VPDiscrete, VPLinear
 from .solvers import Euler, EulerMaruyama, Heun, Solver, State
-from .solvers import DDIM, DEIS, DPMSolverPP, SDEDPMSolverPP
+from .solvers import DDIM, DEIS, DPMSolverPP, SDEDPMSolverPP, UniPC
 from .solvers import BespokeSolver, fit_bespoke
 from . import pretrained
 
@@ -24,5 +24,5 @@ __all__ = [
     "NoiseSchedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "LinearFlow",
     "Solver", "State", "Euler", "Heun", "EulerMaruyama", "Backprop", "Checkpoint", "ContinuousAdjoint",
 ]
-__all__ += ["DDIM", "DEIS", "DPMSolverPP", "SDEDPMSolverPP"]
+__all__ += ["DDIM", "DEIS", "DPMSolverPP", "SDEDPMSolverPP", "UniPC"]
 __all__ += ["BespokeSolver", "fit_bespoke", "pretrained"]

@@ -5,7 +5,7 @@ Adding a solver = one entry here. Each entry: (id, factory, declared order, kind
 """
 from functools import partial
 
-from adjointflow.solvers import DDIM, DEIS, DPMSolverPP, Euler, EulerMaruyama, Heun, SDEDPMSolverPP
+from adjointflow.solvers import DDIM, DEIS, DPMSolverPP, Euler, EulerMaruyama, Heun, SDEDPMSolverPP, UniPC
 
 ODE_SOLVERS = [
     ("euler", Euler, 1),
@@ -22,6 +22,15 @@ ODE_SOLVERS = [
     ("deis3_tab", partial(DEIS, order=3), 3),
     ("deis2_rhoab", partial(DEIS, order=2, variant="rhoAB"), 2),
     ("deis3_rhoab", partial(DEIS, order=3, variant="rhoAB"), 3),
+    ("deis2_logrho", partial(DEIS, order=2, variant="logrho"), 2),
+    ("deis3_logrho", partial(DEIS, order=3, variant="logrho"), 3),
+    # UniPC-p: the corrector adds one order to UniP-p (p + 1); for p = 3 the first-order warm-up step caps it at 3
+    ("unipc1_bh1", partial(UniPC, order=1, variant="bh1"), 2),
+    ("unipc1_bh2", partial(UniPC, order=1), 2),
+    ("unipc2_bh1", partial(UniPC, order=2, variant="bh1"), 3),
+    ("unipc2_bh2", partial(UniPC, order=2), 3),
+    ("unipc3_bh1", partial(UniPC, order=3, variant="bh1"), 3),
+    ("unipc3_bh2", partial(UniPC, order=3), 3),
 ]
 
 SDE_SOLVERS = [
@@ -43,4 +52,13 @@ ORDER_STEPS = {
     "deis3_tab": [80, 160, 320],
     "deis2_rhoab": [80, 160, 320],
     "deis3_rhoab": [160, 320, 640],
+    # logrho-DEIS-2 approaches 2 from below (local 1.80, 1.91, 1.96 from 10 steps on); UniPC's pre-asymptotic
+    # error changes sign near 20 steps (UniPC-3) and its local orders reach p + 1 from 40 steps on
+    "deis2_logrho": [20, 40, 80, 160],
+    "unipc1_bh1": [20, 40, 80, 160],
+    "unipc1_bh2": [20, 40, 80, 160],
+    "unipc2_bh1": [40, 80, 160, 320],
+    "unipc2_bh2": [40, 80, 160, 320],
+    "unipc3_bh1": [40, 80, 160, 320],
+    "unipc3_bh2": [40, 80, 160, 320],
 }

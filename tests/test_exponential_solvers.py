@@ -15,12 +15,13 @@ from torch import nn
 
 from adjointflow import (
     DDIM, DEIS, EDM, BrownianNoise, DPMSolverPP, EulerMaruyama, LinearFlow, SDEDPMSolverPP, State, VPCosine,
-    VPLinear, solve, timesteps,
+    VPLinear, UniPC, solve, timesteps,
 )
 from adjointflow.driver import ModelCall
 from adjointflow.models import Denoiser
 from adjointflow.solvers import ExponentialIntegrator
-from adjointflow.solvers.exponential import Interval, phi
+from adjointflow.plan import Plan
+from adjointflow.solvers.exponential import Interval, multistep_orders, phi
 from adjointflow.testing import GaussianData, empirical_order, local_orders
 
 from solver_list import ALL_SOLVERS
@@ -229,8 +230,8 @@ def _exact_data_form(sch, net, t_s, t_t, x):
     return float(sch.sigma(t_t) / sch.sigma(t_s)) * x + float(sch.alpha(t_t)) * integral
 
 
-@pytest.mark.parametrize("solver", [DPMSolverPP(order=3), DPMSolverPP(order=3, multistep=False, solver_type="heun")],
-                         ids=["3M", "3S-heun"])
+@pytest.mark.parametrize("solver", [DPMSolverPP(order=3, lower_order_final=False),
+                                    DPMSolverPP(order=3, multistep=False, solver_type="heun")], ids=["3M", "3S-heun"])
 @pytest.mark.parametrize("sch", [VPLinear(), EDM(), LinearFlow()], ids=["vplinear", "edm", "flow"])
 def test_third_order_data_form_is_exact_for_quadratic_x0(solver, sch):
     grid = timesteps(sch, 10, "logsnr", t_start=0.9 if isinstance(sch, LinearFlow) else None)
@@ -258,7 +259,7 @@ def test_second_order_heun_is_exact_for_linear_x0(solver):
 def test_deis_tab_is_exact_for_eps_quadratic_in_t(sch):
     """x_t = alpha_t/alpha_s x + alpha_t int_{t_s}^{t_t} eps(tau) rho'(tau) dtau, rho = sigma/alpha."""
     grid = timesteps(sch, 10, "logsnr", t_start=0.9 if isinstance(sch, LinearFlow) else None)
-    x, net, new = _step_with_history(DEIS(order=3), sch, "eps", lambda t: t, 5, grid)
+    x, net, new = _step_with_history(DEIS(order=3, lower_order_final=False), sch, "eps", lambda t: t, 5, grid)
     ts, tt = float(grid[5]), float(grid[6])
 
     def drho(tau):
@@ -434,21 +435,62 @@ def test_inversion_from_t0_needs_eps():
 # ------------------------------------------------------------------------------------------------
 # lower_order_final, history, purity, gradients
 def test_lower_order_final_rule():
+    """lower_order_final=True is diffusers' rule (below 15 steps the last step is first order)."""
     sch, d = VPLinear(), data()
     den, x = d.denoiser(sch, "eps"), latent()
     grid = timesteps(sch, 10)
     with torch.no_grad():
-        sol = solve(den, x, grid, DPMSolverPP(order=2), save_trajectory=True)
-        state = State(sol.trajectory[-2], (den(sol.trajectory[-3], grid[-3]).x0,))
-        last = DDIM(prediction="x0").step_at(ModelCall(den), State(state.x), grid, 9).x
+        sol = solve(den, x, grid, DPMSolverPP(order=2, lower_order_final=True), save_trajectory=True)
+        last = DDIM(prediction="x0").step_at(ModelCall(den), State(sol.trajectory[-2]), grid, 9).x
         assert (sol.x - last).abs().max() <= 1e-15
         off = solve(den, x, grid, DPMSolverPP(order=2, lower_order_final=False)).x
         assert (off - sol.x).abs().max() > 1e-6
         # 15 steps or more: no lowering
         g15 = timesteps(sch, 15)
-        a = solve(den, x, g15, DPMSolverPP(order=2)).x
+        a = solve(den, x, g15, DPMSolverPP(order=2, lower_order_final=True)).x
         b = solve(den, x, g15, DPMSolverPP(order=2, lower_order_final=False)).x
         assert torch.equal(a, b)
+
+
+def _orders(solver, sch, grid):
+    return [k for k, _ in multistep_orders(solver, Plan(sch, grid))]
+
+
+def test_auto_final_order_follows_the_step_ratio_in_lambda():
+    """lower_order_final=None lowers a step's order where it is over twice the mean lambda-step of its history
+    (the last step of a uniform-t flow grid: h ~ 4.7 after 0.8) and caps third order to steps of h <= 1;
+    on uniform log-SNR grids with h <= 1 nothing is lowered, however many steps."""
+    flow = LinearFlow()
+    g = timesteps(flow, 10)  # uniform t from 1: lambda steps inf, 0.81, 0.54, ..., 0.54, 0.81, 4.72
+    for order in (2, 3):
+        ks = _orders(DPMSolverPP(order=order, warmup="multistep"), flow, g)
+        assert ks[-1] == 1 and ks[-2] == order and ks[0] == 1, ks  # singular first step, full order before the last
+    assert _orders(UniPC(order=3), flow, g)[-1] == 1
+    vp = VPLinear()
+    for n in (12, 16, 40):
+        g = timesteps(vp, n)
+        assert float((vp.log_snr(g).diff()).max()) <= 1.0
+        assert _orders(DPMSolverPP(order=3, warmup="multistep"), vp, g) == [1, 2] + [3] * (n - 2)
+    g = timesteps(vp, 6)  # h ~ 1.7: second order at most
+    assert max(_orders(DPMSolverPP(order=3, warmup="multistep"), vp, g)) == 2
+    # diffusers' rules for comparison
+    g = timesteps(vp, 20)
+    assert _orders(DPMSolverPP(order=3, warmup="multistep", lower_order_final=True), vp, g)[-2:] == [3, 3]
+    assert _orders(UniPC(order=3, lower_order_final=True), vp, g)[-2:] == [2, 1]
+
+
+def test_singlestep_warmup_only_on_steps_where_third_order_is_the_aim():
+    """DEIS-3/3M take the singlestep starter only on a first step of h <= 1 in lambda: on a one-step grid
+    (h ~ 10) the noise-form starter was 55x worse than DDIM; now the step is DDIM."""
+    sch, d = VPLinear(), data()
+    den, x = d.denoiser(sch, "eps"), latent()
+    grid = timesteps(sch, 1, t_start=1.0, t_end=1e-3, denoise_to_zero=True)
+    with torch.no_grad():
+        ddim = solve(den, x, grid, DDIM())
+        for solver in (DEIS(order=3), DPMSolverPP(order=3)):
+            sol = solve(den, x, grid, solver)
+            assert sol.nfe == 2 and (sol.x - ddim.x).abs().max() <= 1e-12
+    assert multistep_orders(DEIS(order=3), Plan(sch, timesteps(sch, 20)))[0] == (2, True)  # h ~ 0.5: starter
 
 
 @pytest.mark.parametrize("solver", [DPMSolverPP(order=3), DEIS(order=3), DEIS(order=2, variant="rhoAB"),

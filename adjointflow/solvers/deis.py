@@ -1,6 +1,7 @@
 """DEIS (Zhang & Chen 2022, arXiv:2204.13902): exponential Adams--Bashforth on the noise prediction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -20,14 +21,16 @@ from .exponential import (
     check_order,
     first_order,
     first_order_coefficients,
+    moment_weights,
     multistep_orders,
+    phis,
     singlestep2,
     singlestep2_stages,
 )
 
 __all__ = ["DEIS", "deis_weights"]
 
-VARIANTS = ("tAB", "rhoAB")
+VARIANTS = ("tAB", "rhoAB", "logrho")
 
 # Gauss--Legendre nodes/weights on [0, 1]; 16 nodes integrate e^{-h u} times a smooth function of u
 # to float64 precision for any step a sampling grid takes (|h| up to ~10).
@@ -53,6 +56,10 @@ def _weights(schedule, t: np.ndarray, lam: np.ndarray, steps: np.ndarray, k: int
     lam_s, lam_t = lam[steps], lam[steps + 1]
     h = (lam_t - lam_s)[:, None]
     back = np.arange(1, k)
+    if variant == "logrho":  # nodes u_m = (lambda_m - lambda_s)/h, moments m! phi_{m+1}(h)/phi_1(h)
+        nodes = np.concatenate([np.zeros((len(steps), 1)), (lam[steps[:, None] - back] - lam_s[:, None]) / h], 1)
+        moments = np.stack([math.factorial(m) * phis(m + 1, h[:, 0]) / phis(1, h[:, 0]) for m in range(k)], -1)
+        return moment_weights(nodes, moments)
     if variant == "rhoAB":
         nodes = np.concatenate([np.zeros((len(steps), 1)),
                                 np.expm1(lam_s[:, None] - lam[steps[:, None] - back]) / np.expm1(-h)], 1)
@@ -75,9 +82,14 @@ def deis_weights(schedule, grid, i: int, k: int, variant: str) -> list[float]:
     * ``"tAB"``:   ``l_j`` a polynomial in ``t``: ``w_j = int_0^1 e^{-h u} l_j(t(lambda_s + h u)) du / int_0^1 e^{-h u} du``
       (``drho = -rho dlambda``), by 16-point Gauss--Legendre in ``u``, all in float64;
     * ``"rhoAB"``: ``l_j`` a polynomial in ``rho``, integrated exactly: ``w_j = int_0^1 l_j(v) dv`` in
-      ``v = (rho - rho_s)/(rho_t - rho_s)``, nodes ``v_m = expm1(lambda_s - lambda_m)/expm1(-h)``.
+      ``v = (rho - rho_s)/(rho_t - rho_s)``, nodes ``v_m = expm1(lambda_s - lambda_m)/expm1(-h)``;
+    * ``"logrho"``: ``l_j`` a polynomial in ``log rho = -lambda`` (diffusers' ``DEISMultistepScheduler``),
+      integrated exactly: in ``u = (lambda - lambda_s)/h`` the weight ``e^{-h u}`` has the normalised moments
+      ``int_0^1 e^{-h u} u^m du / int_0^1 e^{-h u} du = m! phi_{m+1}(h) / phi_1(h)``, and ``w`` solves
+      ``sum_j w_j u_j^m = m! phi_{m+1}(h)/phi_1(h)``, ``m < k`` (the exact noise-form exponential
+      Adams--Bashforth method).
 
-    Both use normalised variables, so no difference of large antiderivatives is formed (the float32
+    All use normalised variables, so no difference of large antiderivatives is formed (the float32
     closed form of diffusers' DEIS-3 loses its order on fine grids for exactly that reason). Solves
     compute the weights of all steps at once (:meth:`DEIS.rows`).
     """
@@ -102,9 +114,9 @@ class DEIS(ExponentialIntegrator):
 
     ``h = lambda_t - lambda_s``; the weights ``w_j`` integrate the Lagrange interpolant of ``eps_hat``
     through the k newest grid points exactly against ``drho`` (``rho = sigma/alpha``), with the
-    polynomial in ``t`` (``variant="tAB"``, the paper's recommended sampler) or in ``rho``
-    (``"rhoAB"``); see :func:`deis_weights`. Coefficients are computed in float64 by Gauss--Legendre
-    quadrature (tAB) or exactly (rhoAB), once per solve. Order 1 is DDIM. Warm-up, ``lower_order_final``
+    polynomial in ``t`` (``variant="tAB"``, the paper's recommended sampler), in ``rho`` (``"rhoAB"``) or
+    in ``log rho`` (``"logrho"``, the variant diffusers ships); see :func:`deis_weights`. Coefficients are
+    computed in float64 by Gauss--Legendre quadrature (tAB) or exactly (rhoAB, logrho), once per solve. Order 1 is DDIM. Warm-up, ``lower_order_final``
     and the singular ends follow :class:`~adjointflow.solvers.DPMSolverPP` (a step from ``alpha = 0``
     takes the exact first-order limit ``alpha_t x0_hat + sigma_t eps_hat``; a step to ``sigma = 0`` is
     first order); with ``warmup="singlestep"`` DEIS-3's empty-history step is DPM-Solver-2 (noise form,
@@ -115,7 +127,7 @@ class DEIS(ExponentialIntegrator):
 
     order: int = 3
     variant: str = "tAB"
-    lower_order_final: bool = True
+    lower_order_final: bool | None = None
     warmup: str = "singlestep"
 
     prediction = "eps"
@@ -123,7 +135,7 @@ class DEIS(ExponentialIntegrator):
     def __post_init__(self):
         check_order("DEIS", self.order, (1, 2, 3))
         check_choice("DEIS", "variant", self.variant, VARIANTS)
-        check_flag("DEIS", "lower_order_final", self.lower_order_final)
+        check_flag("DEIS", "lower_order_final", self.lower_order_final, optional=True)
         check_choice("DEIS", "warmup", self.warmup, WARMUPS)
 
     def rows(self, plan):

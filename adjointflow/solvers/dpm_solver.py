@@ -101,7 +101,7 @@ class DPMSolverPP(ExponentialIntegrator):
 
     order: int = 2
     multistep: bool = True
-    lower_order_final: bool = True
+    lower_order_final: bool | None = None
     solver_type: str = "midpoint"
     warmup: str = "singlestep"
 
@@ -110,7 +110,7 @@ class DPMSolverPP(ExponentialIntegrator):
     def __post_init__(self):
         check_order("DPMSolverPP", self.order, (1, 2, 3))
         check_flag("DPMSolverPP", "multistep", self.multistep)
-        check_flag("DPMSolverPP", "lower_order_final", self.lower_order_final)
+        check_flag("DPMSolverPP", "lower_order_final", self.lower_order_final, optional=True)
         check_choice("DPMSolverPP", "solver_type", self.solver_type, SOLVER_TYPES)
         check_choice("DPMSolverPP", "warmup", self.warmup, WARMUPS)
 

@@ -51,6 +51,7 @@ __all__ = [
     "ExponentialIntegrator",
     "SOLVER_TYPES",
     "WARMUPS",
+    "moment_weights",
 ]
 
 #: second-order update forms: "midpoint" (the DPM-Solver papers' published update, diffusers'
@@ -64,9 +65,18 @@ WARMUPS = ("singlestep", "multistep")
 #: diffusers' rule: with fewer steps than this, ``lower_order_final`` lowers the last steps' order.
 LOWER_ORDER_FINAL_STEPS = 15
 
+
 # inf/NaN in float64 plan arithmetic mark singular ends on purpose (``Solver.plan`` runs rows under it too)
 def quiet():
     return np.errstate(divide="ignore", invalid="ignore", over="ignore")
+
+
+#: ``lower_order_final=None``: a step of order ``k`` may be at most this many times the mean length (in
+#: lambda) of the ``k - 1`` steps its history spans; otherwise its order is lowered.
+MAX_STEP_RATIO = 2.0
+
+#: ``lower_order_final=None``: third order only on steps of at most this length in lambda.
+MAX_THIRD_ORDER_STEP = 1.0
 
 
 def phis(k: int, z):
@@ -274,42 +284,70 @@ def multistep_orders(solver, plan: Plan) -> list[tuple[int, bool]]:
     """``(k, starter)`` for every step of a multistep method: the order ``k`` of step ``i`` and whether it
     is instead a second-order singlestep starter.
 
-    ``k`` is the declared order, lowered to ``1 + (number of history nodes with finite lambda)``
-    (warm-up; a node at ``lambda = -inf``, e.g. ``t = 1`` of LinearFlow, contributes nothing in the
-    limit) and by ``lower_order_final`` (diffusers' rule: with fewer than 15 steps the last step is
-    first order and the one before at most second). A step to or from a singular end (infinite
-    ``h``) is always first order. The history at step ``i`` holds ``min(i, order - 1)`` predictions
-    (``plan.history`` overrides it for a single step).
+    ``k`` is the declared order, lowered
+
+    * by the warm-up to ``1 + (number of history nodes with finite lambda)`` (a node at ``lambda = -inf``,
+      e.g. ``t = 1`` of LinearFlow, contributes nothing in the limit); a step to or from a singular end
+      (infinite ``h``) is always first order;
+    * by ``solver.lower_order_final``: ``True`` is diffusers' rule (step ``i`` of ``n`` has order at most
+      ``n - i`` when ``n`` is below ``solver.lower_order_final_below``, 15 for DPM-Solver/DEIS, every grid
+      for UniPC), ``False`` never lowers, and ``None`` (the default) lowers where extrapolating the
+      history does not pay, judged on the grid in lambda alone:
+
+      - a step of order ``k`` may be at most ``MAX_STEP_RATIO`` (2) times the mean length of the ``k - 1``
+        steps its history spans, otherwise ``k`` drops until it is (the last step of a uniform-t flow grid
+        spans ``h ~ 4`` after steps of ``~0.5``: a polynomial through the history, extrapolated that far,
+        is worse than none; diffusers' fixed ``n < 15`` rule lowers it below 15 steps only, hence the
+        cliff of its multistep solvers at 15 steps on flows);
+      - third order only on steps of at most ``MAX_THIRD_ORDER_STEP`` (1.0) in lambda (coarser steps
+        extrapolate the curvature of the prediction further than it is smooth: on the closed-form VP
+        problem of ``benchmarks/test_bench_solvers.py`` 3M and UniPC-3 are worse than 2M and UniPC-2
+        with ``h > 1``, better below).
+
+      On grids uniform in lambda with ``h <= 1`` nothing is lowered, so the declared orders hold.
+
+    The history at step ``i`` holds ``min(i, order - 1)`` predictions (``plan.history`` overrides it for a
+    single step).
 
     Warm-up and order: a first-order step has local error ``O(h^2)``, which caps the global order
     of a third-order method at 2 once the grid is fine enough (measured: DPM-Solver++(3M) with a
     first-order first step has local orders 4.2 then 2.0 between 128, 256 and 512 steps). With
     ``warmup="singlestep"`` an order-3 method whose history is still empty therefore takes a
     second-order singlestep step (``starter``, one extra NFE; Lu et al.'s DPM-Solver-2 /
-    DPM-Solver++(2S)); the next step is second-order multistep (local ``O(h^3)``).
-    ``warmup="multistep"`` reproduces diffusers' plain lower-order warm-up.
+    DPM-Solver++(2S)) -- on steps of at most ``MAX_THIRD_ORDER_STEP``, where third order is the aim: on a
+    coarse step the starter buys nothing and the noise-form one is unstable (DEIS-3 on a one-step grid
+    with ``h ~ 10`` was 55x worse than DDIM). ``warmup="multistep"`` is diffusers' plain lower-order warm-up.
     """
-    finite = np.isfinite(plan.nodes.lam[: plan.n + 1]).tolist()
+    lam = plan.nodes.lam[: plan.n + 1].tolist()
+    finite = [math.isfinite(v) for v in lam]
+    step_len = [abs(b - a) for a, b in zip(lam[:-1], lam[1:])]
+    if lam[-1] < lam[0]:  # an inversion grid: lambda decreases; history spans are measured the same way
+        lam = [-v for v in lam]
     n, order = plan.n, solver.order
+    lof = getattr(solver, "lower_order_final", None)
     out = []
     for i in range(n):
-        n_hist = plan.history.get(i, min(i, order - 1))
         if not (finite[i] and finite[i + 1]):
             out.append((1, False))
             continue
-        cap = order
-        if getattr(solver, "lower_order_final", False) and n < LOWER_ORDER_FINAL_STEPS:
-            if i == n - 1:
-                cap = 1
-            elif i == n - 2:
-                cap = min(cap, 2)
+        n_hist = plan.history.get(i, min(i, order - 1))
         usable = 1
         while usable <= n_hist and finite[i - usable]:
             usable += 1
-        if getattr(solver, "warmup", "multistep") == "singlestep" and usable < order - 1 and cap >= 2:
+        cap = order
+        if lof is True and n < getattr(solver, "lower_order_final_below", LOWER_ORDER_FINAL_STEPS):
+            cap = min(cap, n - i)
+        if (getattr(solver, "warmup", "multistep") == "singlestep" and usable < order - 1 and cap >= 2
+                and step_len[i] <= MAX_THIRD_ORDER_STEP):
             out.append((2, True))
-        else:
-            out.append((min(cap, usable), False))
+            continue
+        k = min(cap, usable)
+        if lof is None:
+            while k > 1 and step_len[i] > MAX_STEP_RATIO * (lam[i] - lam[i - k + 1]) / (k - 1):
+                k -= 1
+            if step_len[i] > MAX_THIRD_ORDER_STEP:
+                k = min(k, 2)
+        out.append((k, False))
     return out
 
 
@@ -352,11 +390,26 @@ def check_order(name: str, order, allowed) -> None:
         raise ValueError(f"{name}: order must be one of {tuple(allowed)}, got {order}")
 
 
-def check_flag(name: str, field: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: {field} must be a bool, got {value!r}")
+def check_flag(name: str, field: str, value, optional: bool = False) -> None:
+    if not isinstance(value, bool) and not (optional and value is None):
+        raise TypeError(f"{name}: {field} must be {'None or ' if optional else ''}a bool, got {value!r}")
 
 
 def check_choice(name: str, field: str, value, choices) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: {field} must be one of {tuple(choices)}, got {value!r}")
+
+
+def moment_weights(nodes, moments):
+    """Weights ``w`` (S, k) of an interpolatory rule with ``k`` nodes: ``sum_j w_j nodes_j^m = moments_m`` for
+    ``m = 0..k-1`` (a batched transposed Vandermonde system, float64 numpy; S independent steps).
+
+    Integrating the Lagrange interpolant through ``nodes`` against a weight whose normalised moments are
+    ``moments`` gives exactly these weights, which is how DEIS (logrho) and UniPC's ``R_p a = g`` read.
+    """
+    nodes, moments = np.asarray(nodes, dtype=np.float64), np.asarray(moments, dtype=np.float64)
+    k = nodes.shape[-1]
+    if k == 0:
+        return np.zeros_like(nodes)
+    vander = nodes[..., None, :] ** np.arange(k)[:, None]  # [m, j] = node_j^m
+    return np.linalg.solve(vander, moments[..., None])[..., 0]
