@@ -116,11 +116,13 @@ class DEIS(ExponentialIntegrator):
     through the k newest grid points exactly against ``drho`` (``rho = sigma/alpha``), with the
     polynomial in ``t`` (``variant="tAB"``, the paper's recommended sampler), in ``rho`` (``"rhoAB"``) or
     in ``log rho`` (``"logrho"``, the variant diffusers ships); see :func:`deis_weights`. Coefficients are
-    computed in float64 by Gauss--Legendre quadrature (tAB) or exactly (rhoAB, logrho), once per solve. Order 1 is DDIM. Warm-up, ``lower_order_final``
-    and the singular ends follow :class:`~adjointflow.solvers.DPMSolverPP` (a step from ``alpha = 0``
+    computed in float64 by Gauss--Legendre quadrature (tAB) or exactly (rhoAB, logrho), once per solve.
+    Order 1 is DDIM. Warm-up, ``lower_order_final`` and the singular ends follow :class:`~adjointflow.solvers.DPMSolverPP` (a step from ``alpha = 0``
     takes the exact first-order limit ``alpha_t x0_hat + sigma_t eps_hat``; a step to ``sigma = 0`` is
     first order); with ``warmup="singlestep"`` DEIS-3's empty-history step is DPM-Solver-2 (noise form,
-    midpoint, one extra NFE) so that the warm-up keeps local order 3.
+    midpoint, one extra NFE, on a first step of ``h <= 1``) so that the warm-up keeps local order 3.
+    ``DEIS(variant="logrho", lower_order_final=True, warmup="multistep")`` is diffusers'
+    ``DEISMultistepScheduler``.
     Global order k (for ``eps_hat`` smooth in the interpolation variable along the solution);
     1 NFE per step; the history holds previous ``eps_hat``, newest first.
     """

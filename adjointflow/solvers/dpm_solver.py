@@ -92,8 +92,11 @@ class DPMSolverPP(ExponentialIntegrator):
     multistep step uses order ``1 + len(state.history)``, so 2M with an empty history takes exactly
     the first-order step. For 3M, ``warmup="singlestep"`` (default) makes the empty-history step the
     2S step instead (one extra NFE), because a first-order first step caps the global order at 2 on
-    fine grids; ``warmup="multistep"`` is diffusers' first-order start. ``lower_order_final`` (multistep only; diffusers' rule for coarse grids): with
-    fewer than 15 steps the last step is first order and the second-to-last at most second. A step
+    fine grids; ``warmup="multistep"`` is diffusers' first-order start (the starter is taken only on a
+    step of ``h <= 1``). ``lower_order_final`` (multistep only): ``None`` (default) lowers a step's order
+    where it is long in lambda against its history or above ``h = 1`` for third order, ``True`` is
+    diffusers' rule (with fewer than 15 steps the last step is first order and the second-to-last at most
+    second), ``False`` never lowers (:func:`~adjointflow.solvers.exponential.multistep_orders`). A step
     to ``sigma = 0`` (denoise to ``t = 0``) is always first order, ``x_t = alpha_t x0_hat``, as in
     diffusers with ``final_sigmas_type="zero"``. Global order = ``order``; NFE per step 1
     (multistep) or ``order`` (singlestep). All coefficients are planned once per solve (``rows``).
