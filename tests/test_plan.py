@@ -21,7 +21,7 @@ def test_rows_are_bound_tensors_of_the_state_dtype_and_evaluation_points():
     sch = af.VPLinear()
     den = data().denoiser(sch, "eps")
     x = torch.randn(2, 3)
-    bound = af.DPMSolverPP(order=3).plan(sch, af.timesteps(sch, 6)).bind(den, x)
+    bound = af.DPMSolverPP(order=3).plan(sch, af.timesteps(sch, 10)).bind(den, x)  # h < 1: third order, 2S start
     r = bound.rows[3]
     assert r.k == 3 and r.s is bound.evals[3] and r.s.t_net.shape == (2,)
     for v in (r.first.a, r.first.b, r.r0, r.r1, r.w1, r.w2):
