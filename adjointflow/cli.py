@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compare with a dopri5 reference, (b) inpainting and 2x super-resolution with every guidance "
         "method. Writes solvers.png, inverse_problems.png and results.md into --out.",
     )
-    d.add_argument("--quick", action="store_true", help="a ~1 minute run (fewer samples, NFE 5/10 only)")
+    from .demo.run import QUICK
+
+    d.add_argument("--quick", action="store_true", help=f"a shorter run (1-2 minutes): {QUICK.describe()}")
     d.add_argument("--out", default="demo_out", metavar="DIR", help="output directory (default: %(default)s)")
     d.add_argument(
         "--weights", default=None, metavar="PATH",

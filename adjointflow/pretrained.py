@@ -13,7 +13,7 @@ the demo extras (``pip install 'adjointflow[demo]'``: safetensors to read the we
 """
 from __future__ import annotations
 
-__all__ = ["digits", "digits_solver", "DIGITS_SOLVER_NFES"]
+__all__ = ["digits", "digits_solver", "digits_solver_nfes"]
 
 
 def _digits_with_metadata(weights=None):
@@ -49,8 +49,11 @@ def digits(weights=None):
     return _digits_with_metadata(weights)[0]
 
 
-#: the step budgets with a bundled trained solver
-DIGITS_SOLVER_NFES = (10,)
+def digits_solver_nfes() -> tuple[int, ...]:
+    """The NFE budgets with a bundled trained solver for :func:`digits`."""
+    from .demo.bespoke_digits import BUNDLED
+
+    return tuple(sorted(BUNDLED))
 
 
 def digits_solver(nfe: int = 10, denoiser=None):
@@ -64,7 +67,7 @@ def digits_solver(nfe: int = 10, denoiser=None):
     """
     from .demo.bespoke_digits import load_bundled_bespoke
 
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe not in DIGITS_SOLVER_NFES:
-        raise ValueError(f"nfe={nfe!r}: bundled digits solvers exist for NFE {list(DIGITS_SOLVER_NFES)}")
-    solver = load_bundled_bespoke(digits() if denoiser is None else denoiser)
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe not in digits_solver_nfes():
+        raise ValueError(f"nfe={nfe!r}: bundled digits solvers exist for NFE {list(digits_solver_nfes())}")
+    solver = load_bundled_bespoke(digits() if denoiser is None else denoiser, nfe)
     return solver.requires_grad_(False)  # trained: sampling with it should build no graph

@@ -51,3 +51,54 @@ def test_torch_threads_restores_the_count_even_on_error():
     assert torch.get_num_threads() == found
     with demo_run.torch_threads(None):
         assert torch.get_num_threads() == found
+
+
+def test_harmonic_fill_is_exact_on_a_harmonic_image_and_keeps_observed_pixels():
+    from adjointflow.demo.baselines import harmonic_fill
+
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    ramp = (0.1 * xx - 0.05 * yy + 0.3)[None, None].double()  # linear: discrete-harmonic inside
+    mask = torch.ones(16, 16)
+    mask[4:12, 4:12] = 0
+    torch.testing.assert_close(harmonic_fill(ramp * mask, mask), ramp, rtol=0, atol=1e-5)
+    noisy = ramp + 0.1 * torch.randn(ramp.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = harmonic_fill(noisy * mask, mask)
+    assert torch.equal(out[..., mask.bool()], noisy[..., mask.bool()])
+
+
+def test_bicubic_baseline_keeps_constants_and_beats_nearest_on_smooth_images():
+    from adjointflow.demo.baselines import bicubic_upsample, classical_estimate
+    from adjointflow.guidance import Downsample, Inpaint
+
+    c = torch.full((2, 1, 8, 8), 0.3)
+    torch.testing.assert_close(bicubic_upsample(c, 2), torch.full((2, 1, 16, 16), 0.3))
+    yy, xx = torch.meshgrid(torch.linspace(0, 3, 16), torch.linspace(0, 3, 16), indexing="ij")
+    img = torch.sin(xx + 0.5 * yy)[None, None]
+    op = Downsample(2)
+    label, est = classical_estimate(op, op(img))
+    assert label == "classical: bicubic"
+    assert float((est - img).pow(2).mean()) < 0.5 * float((op.pinv(op(img)) - img).pow(2).mean())
+    assert classical_estimate(Inpaint(torch.ones(16, 16)), img)[0] == "classical: harmonic fill"
+
+
+def test_quick_help_says_what_quick_runs():
+    from adjointflow.cli import build_parser
+
+    d = demo_run.QUICK.describe()
+    assert f"NFE {'/'.join(map(str, demo_run.QUICK.nfes))}" in d and f"{demo_run.QUICK.n_inverse} digits" in d
+    sub = build_parser()._subparsers._group_actions[0].choices["demo"]
+    helps = " ".join(a.help or "" for a in sub._actions if "--quick" in a.option_strings)
+    assert " ".join(d.split()) in " ".join(helps.split())
+
+
+def test_non_monotone_errors_get_a_note():
+    from types import SimpleNamespace
+
+    from adjointflow.schedules import LinearFlow
+
+    runs = [SimpleNamespace(name="DPMSolverPP(order=3)", grid="uniform", nfe_target=n, steps=s, rmse=e, stochastic=False)
+            for n, s, e in ((5, 5, 0.04), (10, 10, 0.017), (20, 20, 0.097))]
+    notes = demo_run._non_monotone_notes(runs, LinearFlow(), demo_run.FULL)
+    assert len(notes) == 1 and "NFE 10 to 20" in notes[0] and "in lambda" in notes[0]
+    runs[-1].rmse = 0.01
+    assert demo_run._non_monotone_notes(runs, LinearFlow(), demo_run.FULL) == []

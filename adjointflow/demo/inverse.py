@@ -27,6 +27,7 @@ class Task:
     truth: Tensor
     y: Tensor
     degraded: Tensor  # A^+ y, what the measurement shows in image space
+    classical: tuple | None = None  # (label, estimate) of the model-free baseline (demo/baselines.py)
 
 
 @dataclass
@@ -70,6 +71,7 @@ def make_tasks(n: int, sigma_y: float, seed: int, validation: bool = False) -> l
     measurement noise ``sigma_y`` (pixels in [-1, 1]). ``validation=True`` draws the digits from the
     test images the demo never reports (disjoint from the first :data:`REPORTED` picks), for tuning."""
     from ..guidance import Downsample, Inpaint
+    from .baselines import classical_estimate
     from .digits import load_digits_tensor
 
     x, labels = load_digits_tensor("test")
@@ -87,48 +89,42 @@ def make_tasks(n: int, sigma_y: float, seed: int, validation: bool = False) -> l
     for name, op in (("inpainting (8x8 box)", Inpaint(mask)), ("2x super-resolution", Downsample(2))):
         ax = op(truth)
         y = ax + sigma_y * torch.randn(ax.shape, generator=g)
-        tasks.append(Task(name, op, truth, y, op.pinv(y)))
+        tasks.append(Task(name, op, truth, y, op.pinv(y), classical_estimate(op, y)))
     return tasks
 
 
-def method_factories(guidance_steps: int = 50, dflow_iterations: int = 6, adjoint_iterations: int = 40,
-                     ) -> dict[str, Callable | None]:
-    """Name -> ``() -> guidance method`` tuned for the digits model, or ``None`` if not built yet.
+#: guidance methods with defaults, run as ``Method()`` (or with the caps of a smaller demo); DPS's default
+#: (1000 steps) is the paper's, so the demo runs it at 50 Euler steps
+DEFAULT_METHODS = ("FlowChef", "DFlow", "AdjointGuidance", "DDRM", "PiGDM", "DiffPIR", "FlowDPS")
 
-    ``guidance_steps``: sampling steps of DPS and FlowChef; ``dflow_iterations``: D-Flow's outer L-BFGS
-    steps; ``adjoint_iterations``: AdjointGuidance's Adam steps. Settings were tuned by hand on 6 test
-    digits (PSNR) and are printed in the table.
+
+def method_factories(guidance_steps: int = 50, dflow_iterations: int = 20, adjoint_iterations: int = 100,
+                     ) -> dict[str, Callable | None]:
+    """Name -> ``() -> guidance method``, or ``None`` if the class is not in :mod:`adjointflow.guidance`.
+
+    Every method runs with its **defaults** (chosen on validation digits the demo never reports:
+    ``benchmarks/results/guidance_defaults.md``), except DPS at ``guidance_steps`` Euler steps with
+    scale 1 (the paper's 1000 steps would take minutes; scale 0.5 / 1 / 2 gave 26.1 / 27.7 / 26.4 dB
+    inpainting and 34.5 / 33.9 / 32.7 dB super-resolution on the validation digits). The other
+    arguments only cap smaller runs (``--quick``): ``guidance_steps`` also caps FlowChef's steps,
+    ``dflow_iterations`` D-Flow's outer L-BFGS steps, ``adjoint_iterations`` AdjointGuidance's.
     """
     import adjointflow.guidance as G
 
     from ..solvers import Euler
 
-    out: dict[str, Callable | None] = {name: None for name in ("DPS", "FlowChef", "D-Flow", "AdjointGuidance")}
+    out: dict[str, Callable | None] = {"DPS": None, **{name: None for name in DEFAULT_METHODS}}
     if hasattr(G, "DPS"):
         out["DPS"] = lambda: G.DPS(solver=Euler(), steps=guidance_steps, scale=1.0)
-    if hasattr(G, "FlowChef"):
-        out["FlowChef"] = lambda: G.FlowChef(steps=guidance_steps, lr=0.05)
-    if hasattr(G, "DFlow"):
-        # a 4-step Euler map is smooth enough to optimise through; Heun at 2-3 steps is not (see part (a))
-        out["D-Flow"] = lambda: G.DFlow(solver=Euler(), steps=4, iterations=dflow_iterations, max_iter=5,
-                                        regularizer="gaussian")
-    if hasattr(G, "AdjointGuidance"):
-        from ..adjoint import ContinuousAdjoint
-        from ..grids import timesteps
-        from ..schedules import LinearFlow
-        from ..solvers import DPMSolverPP
-
-        # AdjointDEIS (continuous adjoint) through 5 DPM-Solver++(2M) steps from t = 1, in the *data* form: at
-        # 5 steps no adjoint form is accurate on this model (vs Checkpoint: data form relative error ~1.0 but
-        # cosine 0.7-0.8, i.e. a shrunken but well-aligned descent direction; the default form="auto" is
-        # accurate only from ~10-20 steps, 0.44 -> 0.11 -> 0.03 at 10/20/40, and 15x off at 5). Measured
-        # PSNR with 25 Adam steps on 6 digits: data form 22.3/28.3 dB, exact Checkpoint gradient 22.5/26.2,
-        # auto at 10 steps 20.7/25.8 (inpainting / 2x SR): the data form's damped Jacobian term conditions
-        # the optimisation well, so the demo uses it.
-        grid = timesteps(LinearFlow(), 5, "uniform", t_start=1.0)
-        out["AdjointGuidance"] = lambda: G.AdjointGuidance(
-            solver=DPMSolverPP(order=2), grid=grid, iterations=adjoint_iterations, lr=0.1,
-            gradient=ContinuousAdjoint(form="x0"))
+    caps = {"FlowChef": {"steps": guidance_steps}, "DFlow": {"iterations": dflow_iterations},
+            "AdjointGuidance": {"iterations": adjoint_iterations}}
+    for name in DEFAULT_METHODS:
+        cls = getattr(G, name, None)
+        if cls is None:
+            continue
+        default = cls()
+        kw = {k: min(v, getattr(default, k)) for k, v in caps.get(name, {}).items()}
+        out[name] = (lambda cls=cls, kw=kw: cls(**kw))
     return out
 
 
