@@ -92,12 +92,17 @@ def table_exact():
         ("DPS exact-likelihood control (rule='score', t_start=0.999, 200 steps)",
          lambda: DPS(grid=af.timesteps(FLOW, 200, t_start=0.999), rule="score", scale=1.0).run(
              den, ExactLikelihood(prior, A, y, 0.1), x1)),
-        ("FlowChef(lr=0.01, optimizer='sgd')", lambda: FlowChef(lr=0.01, optimizer="sgd").run(den, obj, x1)),
-        ("FlowChef() defaults (Adam 0.02)", lambda: FlowChef().run(den, obj, x1)),
-        ("DFlow(regularizer='gaussian')", lambda: DFlow(regularizer="gaussian").run(den, obj, x1)),
-        ("AdjointGuidance(optimizer='sgd', lr=0.005)",
-         lambda: AdjointGuidance(optimizer="sgd", lr=0.005).run(den, obj, x1)),
-        ("AdjointGuidance() defaults (Adam 0.05)", lambda: AdjointGuidance().run(den, obj, x1)),
+        ("FlowChef(steps=100, lr=1.0) (SGD, lr x sigma_y^2)", lambda: FlowChef(steps=100, lr=1.0).run(den, obj, x1)),
+        ("FlowChef(steps=100, optimizer='adam') (paper: Adam 0.02)",
+         lambda: FlowChef(steps=100, optimizer="adam").run(den, obj, x1)),
+        ("FlowChef() defaults (50 steps, SGD 0.5)", lambda: FlowChef().run(den, obj, x1)),
+        ("DFlow(Heun, steps=6, regularizer='gaussian', discrepancy=None) (latent MAP)",
+         lambda: DFlow(solver=af.Heun(), steps=6, regularizer="gaussian", discrepancy=None).run(den, obj, x1)),
+        ("DFlow() defaults (discrepancy stop)", lambda: DFlow().run(den, obj, x1)),
+        ("AdjointGuidance(DDIM 20 steps, Checkpoint, 50 it., SGD 0.5 x sigma_y^2)",
+         lambda: AdjointGuidance(steps=20, gradient=af.Checkpoint(), iterations=50, optimizer="sgd", lr=0.5,
+                                 discrepancy=None).run(den, obj, x1)),
+        ("AdjointGuidance() defaults (4 steps, Adam 0.1, discrepancy)", lambda: AdjointGuidance().run(den, obj, x1)),
     ]
     rows = []
     for name, fn in methods:
@@ -154,15 +159,18 @@ def table_network():
     methods = [
         ("unguided Euler, 100 steps", None),
         ("DPS(steps=100, scale=0.3)", lambda: DPS(steps=100, scale=0.3).run(den, obj, x1)),
-        ("FlowChef(lr=0.001, optimizer='sgd')", lambda: FlowChef(lr=0.001, optimizer="sgd").run(den, obj, x1)),
-        ("DFlow(steps=6, iterations=2) Checkpoint", lambda: DFlow(iterations=2).run(den, obj, x1)),
-        ("DFlow(steps=6, iterations=2) Backprop", lambda: DFlow(iterations=2, gradient=Backprop()).run(den, obj, x1)),
-        ("AdjointGuidance(iterations=20) defaults (Adam 0.05)", lambda: AdjointGuidance(iterations=20).run(den, obj, x1)),
-        ("AdjointGuidance(iterations=20, optimizer='sgd', lr=0.001)",
-         lambda: AdjointGuidance(iterations=20, optimizer="sgd", lr=0.001).run(den, obj, x1)),
-        ("AdjointGuidance(iterations=20, Euler, ContinuousAdjoint(), sgd 0.001)",
+        ("FlowChef(steps=100, lr=0.4) (SGD, lr x sigma_y^2)", lambda: FlowChef(steps=100, lr=0.4).run(den, obj, x1)),
+        ("DFlow(Heun, steps=6, iterations=2) Checkpoint",
+         lambda: DFlow(solver=af.Heun(), steps=6, iterations=2, gradient=af.Checkpoint(), discrepancy=None).run(den, obj, x1)),
+        ("DFlow(Heun, steps=6, iterations=2) Backprop",
+         lambda: DFlow(solver=af.Heun(), steps=6, iterations=2, discrepancy=None).run(den, obj, x1)),
+        ("DFlow() defaults", lambda: DFlow().run(den, obj, x1)),
+        ("AdjointGuidance(iterations=20) defaults otherwise", lambda: AdjointGuidance(iterations=20).run(den, obj, x1)),
+        ("AdjointGuidance(iterations=20, optimizer='sgd', lr=0.4)",
+         lambda: AdjointGuidance(iterations=20, optimizer="sgd", lr=0.4).run(den, obj, x1)),
+        ("AdjointGuidance(iterations=20, Euler, ContinuousAdjoint(), sgd 0.4)",
          lambda: AdjointGuidance(solver=af.Euler(), iterations=20, gradient=af.adjoint.ContinuousAdjoint(),
-                                 optimizer="sgd", lr=0.001).run(den, obj, x1)),
+                                 optimizer="sgd", lr=0.4).run(den, obj, x1)),
     ]
     rows = []
     for name, fn in methods:
@@ -189,8 +197,8 @@ def test_guidance_methods(benchmark):
             "benchmarks/test_bench_guidance.py --benchmark-only -s` (1 thread, shared CPU; compare the ratios, "
             "not absolute seconds). NFE counts every network evaluation (Checkpoint's recomputation included); "
             "VJPs count backward passes through a network call. Settings other than the defaults are in each "
-            "row's name; the FlowChef SGD and AdjointGuidance SGD step sizes were picked by hand for these "
-            "losses (SGD's step must match the loss's 1/sigma_y^2 scale).\n\n"
+            "row's name; SGD steps are lr x sigma_y^2 x grad (the objective's step_scale), so lr is "
+            "dimensionless.\n\n"
             "## (a) Exact linear-Gaussian problem (R^16, 8 measurements, sigma_y = 0.1), 256 latents, float64\n\n"
             + text_a + "\n\n## (b) Random MLP velocity field (64-d), inpainting half the coordinates, batch 16, "
             "float32\n\n" + text_b + "\n")
@@ -199,8 +207,8 @@ def test_guidance_methods(benchmark):
     out.write_text(text)
     print("\n" + text)
     # what the methods promise
-    assert a["FlowChef(lr=0.01, optimizer='sgd')"][2] == 0 and b["FlowChef(lr=0.001, optimizer='sgd')"][2] == 0
-    assert a["DFlow(regularizer='gaussian')"][9] < 0.05  # point estimate at the posterior mean
+    assert a["FlowChef(steps=100, lr=1.0) (SGD, lr x sigma_y^2)"][2] == 0 and b["FlowChef(steps=100, lr=0.4) (SGD, lr x sigma_y^2)"][2] == 0
+    assert a["DFlow(Heun, steps=6, regularizer='gaussian', discrepancy=None) (latent MAP)"][9] < 0.05  # point estimate at the posterior mean
     assert a["DPS exact-likelihood control (rule='score', t_start=0.999, 200 steps)"][7] < 0.05
-    ck, bp = b["DFlow(steps=6, iterations=2) Checkpoint"], b["DFlow(steps=6, iterations=2) Backprop"]
+    ck, bp = b["DFlow(Heun, steps=6, iterations=2) Checkpoint"], b["DFlow(Heun, steps=6, iterations=2) Backprop"]
     assert ck[5] < bp[5]  # checkpointing keeps one step's graph

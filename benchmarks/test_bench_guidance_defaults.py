@@ -99,3 +99,43 @@ def test_guidance_defaults_on_validation_digits(benchmark):
         "discrepancy stop.\n\n" + text + "\n")
     print("\n" + text)
     assert not failures, failures
+
+
+ABLATIONS = {  # one change from the defaults each: why the defaults are what they are
+    "DFlow(discrepancy=None)": lambda: G.DFlow(discrepancy=None),
+    "DFlow(regularizer='gaussian')": lambda: G.DFlow(regularizer="gaussian"),
+    "DFlow(solver=Heun(), steps=6)": lambda: G.DFlow(solver=af.Heun(), steps=6),
+    "DFlow(gradient=Checkpoint())": lambda: G.DFlow(gradient=af.Checkpoint()),
+    "DFlow(discrepancy=1.2)": lambda: G.DFlow(discrepancy=1.2),
+    "FlowChef(optimizer='adam')": lambda: G.FlowChef(optimizer="adam"),
+    "FlowChef(steps=100)": lambda: G.FlowChef(steps=100),
+    "AdjointGuidance(steps=20, iterations=50)": lambda: G.AdjointGuidance(steps=20, iterations=50),
+    "AdjointGuidance(optimizer='sgd', lr=1.0)": lambda: G.AdjointGuidance(optimizer="sgd", lr=1.0),
+}
+
+
+@pytest.mark.benchmark(group="guidance-defaults")
+def test_guidance_default_ablations(benchmark):
+    """One run of each single-field change from the defaults (PSNR and NFE are deterministic; seconds
+    from that one run) -> ``benchmarks/results/guidance_defaults_ablations.md``."""
+    pytest.importorskip("safetensors")
+    from adjointflow.demo.inverse import make_tasks
+
+    den = af.pretrained.digits()
+    tasks = make_tasks(N_DIGITS, 0.05, 0, validation=True)
+    x_init = torch.randn(N_DIGITS, 1, 16, 16, generator=torch.Generator().manual_seed(7))
+    load0 = os.getloadavg()
+    lines = ["| setting | task | PSNR (dB) | NFE | seconds | stop |", "|---|---|---|---|---|---|"]
+    for name, make in {**{f"{k}() defaults": v for k, v in DEFAULTS.items()}, **ABLATIONS}.items():
+        for task in tasks:
+            sec, p, nfe, why = _run(make().__class__(**{**make().__dict__, "progress": False}), den, task, x_init)
+            lines.append(f"| {name} | {task.name} | {p:.2f} | {nfe} | {sec:.1f} | {why} |")
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    text = "\n".join(lines)
+    Path(__file__).parent.joinpath("results", "guidance_defaults_ablations.md").write_text(
+        "# Guidance defaults: one change at a time (validation digits)\n\n"
+        "Command: `.venv/bin/python -m pytest benchmarks/test_bench_guidance_defaults.py -k ablations "
+        "--benchmark-only -s -p no:cacheprovider -o testpaths=benchmarks`\n\n"
+        f"Same tasks and digits as guidance_defaults.md, one run each, load average {load0[0]:.1f} at the start.\n\n"
+        + text + "\n")
+    print("\n" + text)
