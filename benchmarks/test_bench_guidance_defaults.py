@@ -40,9 +40,18 @@ HAND_TUNED = {  # the round-1 demo's settings (adjointflow/demo/inverse.py befor
 DEFAULTS = {"DFlow": G.DFlow, "FlowChef": G.FlowChef, "AdjointGuidance": G.AdjointGuidance}
 
 
+def _write(name: str, title: str, select: str, body: str) -> None:
+    Path(__file__).parent.joinpath("results", name).write_text(
+        f"# {title}\n\nCommand: `.venv/bin/python -m pytest benchmarks/test_bench_guidance_defaults.py {select}"
+        "--benchmark-only -s -p no:cacheprovider -o testpaths=benchmarks`\n\n" + body)
+
+
 def _run(method, den, task, x_init):
+    import dataclasses
+
     from adjointflow.demo.report import psnr
 
+    method = dataclasses.replace(method, progress=False)
     obj = G.MeasurementLoss(task.operator, task.y, 0.05)
     t0 = time.perf_counter()
     res = method.run(den, obj, x_init.clone())
@@ -67,8 +76,7 @@ def test_guidance_defaults_on_validation_digits(benchmark):
             for name in DEFAULTS:
                 for task in tasks:
                     for kind, make in (("hand-tuned", HAND_TUNED[name][1]), ("defaults", DEFAULTS[name])):
-                        sec, p, nfe, why = _run(make().__class__(**{**make().__dict__, "progress": False}),
-                                                den, task, x_init)
+                        sec, p, nfe, why = _run(make(), den, task, x_init)
                         r = rows.setdefault((name, task.name, kind), {"sec": [], "psnr": p, "nfe": nfe, "why": why})
                         r["sec"].append(sec)
     load1 = os.getloadavg()
@@ -86,10 +94,7 @@ def test_guidance_defaults_on_validation_digits(benchmark):
             if d["psnr"] < h["psnr"] - 2.0 or d["nfe"] > 2 * h["nfe"]:
                 failures.append(f"{name} / {task.name}: {d['psnr']:.2f} dB, {d['nfe']} NFE vs {h['psnr']:.2f}, {h['nfe']}")
     text = "\n".join(lines)
-    Path(__file__).parent.joinpath("results", "guidance_defaults.md").write_text(
-        "# Guidance defaults vs the demo's hand-tuned settings (validation digits)\n\n"
-        "Command: `.venv/bin/python -m pytest benchmarks/test_bench_guidance_defaults.py --benchmark-only -s "
-        "-p no:cacheprovider -o testpaths=benchmarks`\n\n"
+    _write("guidance_defaults.md", "Guidance defaults vs the demo's hand-tuned settings (validation digits)", "",
         f"{N_DIGITS} validation digits (test split, disjoint from the demo's reported digits), sigma_y = 0.05, "
         f"1 torch thread, median seconds of {ROUNDS} alternating rounds; load average "
         f"{load0[0]:.1f} before, {load1[0]:.1f} after. Hand-tuned settings:\n\n"
@@ -128,14 +133,11 @@ def test_guidance_default_ablations(benchmark):
     lines = ["| setting | task | PSNR (dB) | NFE | seconds | stop |", "|---|---|---|---|---|---|"]
     for name, make in {**{f"{k}() defaults": v for k, v in DEFAULTS.items()}, **ABLATIONS}.items():
         for task in tasks:
-            sec, p, nfe, why = _run(make().__class__(**{**make().__dict__, "progress": False}), den, task, x_init)
+            sec, p, nfe, why = _run(make(), den, task, x_init)
             lines.append(f"| {name} | {task.name} | {p:.2f} | {nfe} | {sec:.1f} | {why} |")
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     text = "\n".join(lines)
-    Path(__file__).parent.joinpath("results", "guidance_defaults_ablations.md").write_text(
-        "# Guidance defaults: one change at a time (validation digits)\n\n"
-        "Command: `.venv/bin/python -m pytest benchmarks/test_bench_guidance_defaults.py -k ablations "
-        "--benchmark-only -s -p no:cacheprovider -o testpaths=benchmarks`\n\n"
-        f"Same tasks and digits as guidance_defaults.md, one run each, load average {load0[0]:.1f} at the start.\n\n"
+    _write("guidance_defaults_ablations.md", "Guidance defaults: one change at a time (validation digits)",
+           "-k ablations ", f"Same tasks and digits as guidance_defaults.md, one run each, load average {load0[0]:.1f} at the start.\n\n"
         + text + "\n")
     print("\n" + text)

@@ -48,7 +48,7 @@ class AdjointGuidance:
       the same NFE (``benchmarks/results/guidance_defaults.md``), where 20 steps cost 5x per iteration.
     * ``gradient = None`` -> ``Backprop()``: the exact gradient of the solver that was run, keeping
       ``steps`` network graphs. ``Checkpoint()``: the same gradient with memory flat in the steps
-      (stored states + one step's graph) at about 1.7x the time; the AdjointDEIS authors now
+      (stored states + one step's graph) at 1.7x the NFE (recomputation); the AdjointDEIS authors now
       recommend exact gradients over the continuous adjoint (project page, 2026), whose error at few
       steps can be large; ``ContinuousAdjoint()`` (AdjointDEIS-1/-2M) is the opt-in.
     * ``optimize = ("latent",)`` -- any of ``"latent"``, ``"cond"``, ``"params"``.

@@ -74,7 +74,7 @@ class DFlow:
       ``grid`` overrides ``steps``.
     * ``gradient = None`` -> ``Backprop()``: the exact gradient of the discrete solve, keeping ``steps``
       network graphs; ``Checkpoint()`` gives the same gradient with memory flat in the steps at about
-      1.7x the time (large models), ``ContinuousAdjoint()`` an approximation.
+      1.7x the NFE (recomputation; for large models), ``ContinuousAdjoint()`` an approximation.
     * ``iterations = 20``, ``max_iter = 20``, ``history_size = 100``, strong-Wolfe line search,
       ``lr = 1`` -- PnP-Flow's D-Flow baseline: 20 outer L-BFGS steps of up to 20 iterations (a cap;
       the discrepancy stop ends measurement fits much earlier). Stops early when an L-BFGS step needs
