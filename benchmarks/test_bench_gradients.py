@@ -193,3 +193,161 @@ def test_adjointdeis_forms_vs_steps(benchmark):
     out = Path(__file__).parent / "results" / "gradients_forms.md"
     out.write_text(text)
     print("\n" + text)
+
+
+# --- work-precision of dL/dx_T: Checkpoint with each solver vs torchdiffeq's adjoint ------------------------
+class _Tap(torch.autograd.Function):
+    """Identity that counts the vector-Jacobian products taken through a network output."""
+
+    @staticmethod
+    def forward(ctx, out, counter):
+        ctx.counter = counter
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.counter.vjp += 1
+        return g, None
+
+
+class Counted(nn.Module):
+    """A network wrapper counting forward evaluations and VJPs (recomputation included)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.fwd, self.vjp = net, 0, 0
+
+    def forward(self, x, t, *args, **kwargs):
+        self.fwd += 1
+        out = self.net(x, t, *args, **kwargs)
+        return _Tap.apply(out, self) if torch.is_grad_enabled() and out.requires_grad else out
+
+    def reset(self):
+        self.fwd = self.vjp = 0
+
+
+def wp_problem():
+    """VPLinear, GaussianData in d = 8 (means -1.5..2, stds 0.1..2), t: 1 -> 1e-3, L = sum w x_0 over a batch of
+    4; the exact dL/dx_T is the closed-form flow-map VJP."""
+    import math
+
+    from adjointflow.testing import GaussianData
+
+    d64 = torch.float64
+    sch = af.VPLinear()
+    data = GaussianData(torch.linspace(-1.5, 2, 8, dtype=d64), torch.logspace(-1, math.log10(2), 8, dtype=d64))
+    net = Counted(data.denoiser(sch, "eps").net)
+    den = af.Denoiser(net, sch, "eps")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, dtype=d64, generator=g)
+    w = torch.randn(4, 8, dtype=d64, generator=g)
+    want = data.flow_map_grads(sch, x, 1.0, 1e-3, w)["x"].detach()
+    return sch, den, net, x, w, want
+
+
+WP_SOLVERS = [("DDIM", af.DDIM()), ("DPM++(2M)", af.DPMSolverPP(order=2)), ("DPM++(3M)", af.DPMSolverPP(order=3)),
+              ("DEIS-3 logrho", af.DEIS(order=3, variant="logrho")), ("UniPC-2", af.UniPC(order=2)),
+              ("UniPC-3", af.UniPC(order=3))]
+
+
+def checkpoint_curve(solver, sch, den, net, x, w, want, ns):
+    """(evaluations, relative error) of dL/dx_T with Checkpoint at each step count."""
+    out = []
+    for n in ns:
+        net.reset()
+        xl = x.clone().requires_grad_(True)
+        sol = af.solve(den, xl, af.timesteps(sch, n, t_start=1.0, t_end=1e-3), solver, gradient=Checkpoint())
+        (got,) = torch.autograd.grad((sol.x * w).sum(), xl)
+        out.append((net.fwd + net.vjp, float((got - want).norm() / want.norm()), n, net.fwd, net.vjp))
+    return out
+
+
+def torchdiffeq_curve(sch, den, net, x, w, want, tols):
+    """torchdiffeq ``odeint_adjoint`` (dopri5, rtol = atol = tol, ``options={"step_t": [t_end]}``) on
+    ``dx/dt = u(x, t)``: (evaluations, relative error, tol, forward calls, VJPs)."""
+    from torchdiffeq import odeint_adjoint
+
+    class Field(nn.Module):
+        def forward(self, t, y):
+            return den(y, t).velocity
+
+    t_span = torch.tensor([1.0, 1e-3], dtype=torch.float64)
+    out = []
+    for tol in tols:
+        net.reset()
+        xl = x.clone().requires_grad_(True)
+        y = odeint_adjoint(Field(), xl, t_span, method="dopri5", rtol=tol, atol=tol, options={"step_t": t_span[1:]},
+                           adjoint_params=())[-1]
+        (got,) = torch.autograd.grad((y * w).sum(), xl)
+        out.append((net.fwd + net.vjp, float((got - want).norm() / want.norm()), tol, net.fwd, net.vjp))
+    return out
+
+
+def evals_to_reach(curve, target):
+    """Fewest evaluations from which on every point of the curve has error <= target (None if the last one does
+    not): a lucky dip below the target followed by errors above it does not count."""
+    pts = sorted(curve)
+    for j, p in enumerate(pts):
+        if all(q[1] <= target for q in pts[j:]):
+            return p[0]
+    return None
+
+
+def test_gradient_work_precision_vs_torchdiffeq(benchmark):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sch, den, net, x, w, want = wp_problem()
+    ns = list(range(3, 31)) + [35, 40, 50, 60, 80, 100, 140, 200]
+    ours = {name: checkpoint_curve(s, sch, den, net, x, w, want, ns) for name, s in WP_SOLVERS}
+    tols = [10.0 ** (-k / 2) for k in range(3, 21)]  # 3e-2 .. 1e-10
+    tde = torchdiffeq_curve(sch, den, net, x, w, want, tols)
+    solver = dict(WP_SOLVERS)["UniPC-3"]
+    benchmark.pedantic(lambda: checkpoint_curve(solver, sch, den, net, x, w, want, [12]), rounds=3, iterations=1)
+
+    target = 1e-3
+    need = {name: evals_to_reach(c, target) for name, c in ours.items()}
+    need_tde = evals_to_reach(tde, target)
+    best = min((v, k) for k, v in need.items() if v is not None)
+    lines = [
+        "Work-precision of dL/dx_T (closed form): VPLinear, GaussianData d = 8 (means -1.5..2, stds 0.1..2), t: 1 -> 1e-3",
+        "(log-SNR grid), L = sum(w x_0), batch 4, float64. Evaluations = network forward calls + VJPs, recomputation",
+        "included, counted at the network. Ours: `Checkpoint()` (keep=1: the last step is not recomputed) with each",
+        "solver at N steps; torchdiffeq: `odeint_adjoint(dopri5, rtol = atol = tol, options={'step_t': [t_end]})`",
+        "on dx/dt = u(x, t), `adjoint_params=()`. Command: `OMP_NUM_THREADS=1 .venv/bin/python -m pytest",
+        "benchmarks/test_bench_gradients.py -k work_precision --benchmark-only -s -o testpaths=benchmarks`.",
+        "",
+        f"**Evaluations from which on the relative error stays <= {target:g}:** " + ", ".join(
+            f"{k} {v}" for k, v in need.items()) + f"; torchdiffeq adjoint {need_tde}. Best: {best[1]} with "
+        f"{best[0]} = **{best[0] / need_tde:.2f}x** torchdiffeq's.",
+        "",
+        "| method | setting | evaluations (forward + VJP) | relative error of dL/dx_T |",
+        "|---|---|---|---|",
+    ]
+    for name, c in ours.items():
+        for e, err, n, f, v in c:
+            if n in (3, 5, 8, 10, 12, 15, 20, 30, 50, 100, 200) or e == need[name]:
+                lines.append(f"| {name} + Checkpoint | N = {n} | {e} ({f} + {v}) | {err:.2e} |")
+    for e, err, tol, f, v in tde:
+        lines.append(f"| torchdiffeq odeint_adjoint dopri5 | tol = {tol:.0e} | {e} ({f} + {v}) | {err:.2e} |")
+    text = "\n".join(lines) + "\n"
+    out = Path(__file__).parent / "results" / "gradients_work_precision.md"
+    out.write_text(text)
+    print("\n" + text)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, c in ours.items():
+        ax.loglog([p[0] for p in c], [p[1] for p in c], marker="o", ms=2.5, label=f"{name} + Checkpoint")
+    ax.loglog([p[0] for p in tde], [p[1] for p in tde], "k--", marker="s", ms=3, label="torchdiffeq adjoint (dopri5)")
+    ax.axhline(target, color="gray", lw=0.6)
+    ax.set_xlabel("network evaluations (forward + VJP)")
+    ax.set_ylabel("relative error of dL/dx_T")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+    benchmark.extra_info.update({"evals_to_1e-3": need, "torchdiffeq_evals_to_1e-3": need_tde,
+                                 "ratio": best[0] / need_tde})
