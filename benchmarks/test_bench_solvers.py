@@ -343,3 +343,62 @@ def test_solvers_error_vs_nfe(benchmark):
     # sanity: high-order multistep solvers beat DDIM at 20 NFE everywhere
     for pname, rows in tables.items():
         assert rows["UniPC-3"][2][0] < rows["DDIM"][2][0] and rows["DPM++(2M)"][2][0] < rows["DDIM"][2][0], pname
+
+
+# --- no cliffs: every N from 5 to 100 for the multistep defaults --------------------------------------------
+CLIFF_FAMILIES = {
+    "DPMSolverPP": (DPMSolverPP(order=2), DPMSolverPP(order=3)),
+    "DEIS": (DEIS(order=2), DEIS(order=3)),
+    "DEIS logrho": (DEIS(order=2, variant="logrho"), DEIS(order=3, variant="logrho")),
+    "UniPC": (UniPC(order=2), UniPC(order=3)),
+}
+
+
+def cliff_problems():
+    sch, data, den, x, grid = issue_problem()
+    flow = LinearFlow()
+    return [("issue-vp", sch, data, den, x, grid),
+            ("gauss8-flow (default grid)", flow, data, data.denoiser(flow, "velocity"), x, lambda n: timesteps(flow, n))]
+
+
+def test_no_cliff_curves(benchmark):
+    """The three criteria of tests/test_no_cliffs.py on every N = 5..100 (the test samples N)."""
+    ns = list(range(5, 101))
+    lines = ["# No cliffs: error vs N = 5..100 for the multistep defaults", "",
+             "Command: `OMP_NUM_THREADS=1 .venv/bin/python -m pytest benchmarks/test_bench_solvers.py -k cliff "
+             "--benchmark-only -o testpaths=benchmarks -s`. Problems: `issue-vp` (see solvers.md) and the same",
+             "GaussianData under LinearFlow (velocity model) on `timesteps(LinearFlow(), N)`. Checks: consecutive",
+             "growth > 10 %, worse than DDIM at the same NFE, order 3 worse than order 2 (N >= 8). Why each remaining",
+             "one is not a policy cliff: `tests/test_no_cliffs.py`.", ""]
+    for pname, sch, data, den, x, grid in cliff_problems():
+        def curve(solver):
+            out = []
+            with torch.no_grad():
+                for n in ns:
+                    g = grid(n)
+                    sol = solve(den, x, g, solver)
+                    out.append((sol.nfe, rms(sol.x, data.flow_map(sch, x, g[0], g[-1]))))
+            return out
+
+        with torch.no_grad():  # DDIM at every NFE a multistep solver uses (3M/DEIS-3 warm-up: N + 1)
+            ddim = {}
+            for m in range(ns[0], ns[-1] + 2):
+                g = grid(m)
+                ddim[m] = rms(solve(den, x, g, DDIM()).x, data.flow_map(sch, x, g[0], g[-1]))
+        lines += [f"## {pname}", "", "| solver | growth > 10 % at N (ratio) | worse than DDIM at N | order 3 > order 2 at N "
+                  "(ratio) | e(5), e(10), e(20), e(50), e(100) |", "|---|---|---|---|---|"]
+        for fam, (s2, s3) in CLIFF_FAMILIES.items():
+            c2, c3 = curve(s2), curve(s3)
+            for k, c in ((2, c2), (3, c3)):
+                es = [e for _, e in c]
+                grow = [f"{ns[i]} ({es[i] / es[i - 1]:.2f})" for i in range(1, len(ns)) if es[i] > 1.1 * es[i - 1]]
+                worse = [str(n) for n, (nfe, e) in zip(ns, c) if nfe in ddim and e > ddim[nfe]]
+                order = "" if k == 2 else ", ".join(f"{n} ({a[1] / b[1]:.2f})" for n, a, b in zip(ns, c3, c2)
+                                                    if n >= 8 and a[1] > b[1])
+                picks = ", ".join(f"{es[ns.index(n)]:.1e}" for n in (5, 10, 20, 50, 100))
+                lines.append(f"| {fam} order {k} | {', '.join(grow) or '-'} | {', '.join(worse) or '-'} | "
+                             f"{order or '-'} | {picks} |")
+        lines.append("")
+    (RESULTS / "solvers_no_cliffs.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
