@@ -78,8 +78,10 @@ def test_compiled_once_per_kind_of_step_and_equal_to_eager(name, factory, order,
             ref = af.solve(den, x, af.timesteps(den.schedule, n), factory(), noise=noise).x
         torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
         graphs.append(backend.graphs)
-    # one graph per kind of step (warm-up/starter, multistep, ...), reused for the other steps
-    assert len(set(graphs)) == 1 and graphs[0] <= 3, graphs
+    # one graph per kind of step (warm-up/starter, multistep, ...), reused for the other steps; UniPC-3's state
+    # carries three predictions (its corrector needs them), so its warm-up has one more kind of step
+    limit = 4 if name.startswith("unipc3") else 3
+    assert len(set(graphs)) == 1 and graphs[0] <= limit, graphs
 
 
 def test_compiled_gradients_equal_eager_for_every_strategy():
