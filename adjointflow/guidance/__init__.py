@@ -9,6 +9,7 @@
 * :class:`PiGDM` -- pseudo-inverse guidance, Gaussian likelihood through one VJP (Song et al. 2023).
 * :class:`DiffPIR` -- half-quadratic splitting with the operator's proximal map (Zhu et al. 2023).
 * :class:`FlowDPS` -- likelihood steps on the clean part of the flow step (Kim et al. 2025).
+* :class:`LanPaint` -- exact inpainting: Langevin steps inside each ODE step (after Zheng et al. 2025).
 
 All share ``run(denoiser, objective, x_init, cond=None) -> GuidanceResult`` and the ``callback`` /
 Ctrl-C / ``progress`` protocol of :mod:`~adjointflow.guidance.base`. Objectives are callables
@@ -23,12 +24,13 @@ from .diffpir import DiffPIR
 from .dps import DPS
 from .flowchef import FlowChef
 from .flowdps import FlowDPS
+from .lanpaint import LanPaint
 from .objectives import (Downsample, FourierMagnitude, GaussianBlur, Inpaint, MatrixOperator, MeasurementLoss,
                          Operator)
 from .pigdm import PiGDM
 
 __all__ = [
     "GuidanceResult", "GuidanceStep", "DPS", "FlowChef", "DFlow", "AdjointGuidance", "gaussian_regularizer",
-    "chi_regularizer", "DDRM", "PiGDM", "DiffPIR", "FlowDPS",
+    "chi_regularizer", "DDRM", "PiGDM", "DiffPIR", "FlowDPS", "LanPaint",
     "Operator", "Inpaint", "Downsample", "GaussianBlur", "FourierMagnitude", "MatrixOperator", "MeasurementLoss",
 ]

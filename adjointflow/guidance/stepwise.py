@@ -94,8 +94,8 @@ class StepwiseSampler:
         """Per-run context (e.g. the measurement in the operator's singular basis)."""
         return None
 
-    def _grid(self, denoiser, objective, grid: Tensor) -> Tensor:
-        """The grid the run uses (a method may align a point with a time it needs)."""
+    def _grid(self, ctx, denoiser, grid: Tensor) -> Tensor:
+        """The grid the run uses (a method may move a point onto a time it needs)."""
         return grid
 
     def _update(self, ctx, step: Step, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
@@ -112,7 +112,7 @@ class StepwiseSampler:
         timer, counter = Timer(), Counter()
         x = x_init.detach()
         ctx = self._prepare(denoiser, objective, x)
-        grid = self._grid(denoiser, objective, sampling_grid(denoiser, self.steps, self.grid))
+        grid = self._grid(ctx, denoiser, sampling_grid(denoiser, self.steps, self.grid))
         model = ModelCall(CountedDenoiser(denoiser, counter), cond)
         sch = denoiser.schedule
         alphas = sch.alpha(grid).to(dtype=x.dtype, device=x.device)
