@@ -4,12 +4,14 @@ import pytest
 import torch
 
 import adjointflow as af
-from adjointflow.guidance import DPS, AdjointGuidance, DFlow, FlowChef, GuidanceStep, MatrixOperator, MeasurementLoss
+from adjointflow.guidance import (DDRM, DPS, AdjointGuidance, DFlow, DiffPIR, FlowChef, FlowDPS, GuidanceStep, LanPaint,
+                                  MatrixOperator, MeasurementLoss, PiGDM)
 from adjointflow.guidance import base as guidance_base
 from adjointflow.testing import GaussianData
 
 D = torch.float64
-SAMPLERS = [DPS(steps=8), FlowChef(steps=8)]
+SAMPLERS = [DPS(steps=8), FlowChef(steps=8), DDRM(steps=8), PiGDM(steps=8), DiffPIR(steps=8), FlowDPS(steps=8),
+            LanPaint(steps=8, langevin_steps=1)]
 OPTIMISERS = [DFlow(steps=3, iterations=3, max_iter=4, discrepancy=None),
               AdjointGuidance(steps=3, iterations=6, discrepancy=None)]
 ALL = SAMPLERS + OPTIMISERS
@@ -78,20 +80,22 @@ def test_stop_returns_the_result_so_far(method, how):
 @pytest.mark.parametrize("method", ALL, ids=IDS)
 def test_ctrl_c_before_anything_was_recorded_is_raised(method):
     den, obj, x = setup()
-    calls = {"n": 0}
 
-    def objective(x0):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the first call is the input probe; the second is inside the run
-            raise KeyboardInterrupt
-        return obj(x0)
+    class Interrupting(MeasurementLoss):  # a MeasurementLoss, as the SVD-based methods require
+        calls = 0
+
+        def __call__(self, x0):
+            Interrupting.calls += 1
+            if Interrupting.calls == 2:  # the first call is the input probe; the second is inside the run
+                raise KeyboardInterrupt
+            return super().__call__(x0)
 
     with pytest.raises(KeyboardInterrupt):
-        method.run(den, objective, x)
+        method.run(den, Interrupting(obj.operator, obj.y, obj.sigma), x)
 
 
 def test_callback_and_progress_are_checked():
-    for cls in (DPS, FlowChef, DFlow, AdjointGuidance):
+    for cls in (DPS, FlowChef, DFlow, AdjointGuidance, DDRM, PiGDM, DiffPIR, FlowDPS, LanPaint):
         with pytest.raises(TypeError, match="callback"):
             cls(callback=3)
         with pytest.raises(TypeError, match="progress"):

@@ -240,6 +240,7 @@ def test_defaults_run_fit_the_measurement_and_are_reproducible(method, capsys):
     import dataclasses
     dataclasses.replace(m, progress=True).run(den, obj, x)
     assert method.__name__ in capsys.readouterr().err
+    assert a.stop_reason == "completed"
 
 
 @pytest.mark.parametrize("method", [DDRM, PiGDM, DiffPIR], ids=["DDRM", "PiGDM", "DiffPIR"])

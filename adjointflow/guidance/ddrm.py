@@ -39,7 +39,7 @@ class DDRM(StepwiseSampler):
     * ``steps = 20`` -- the paper's 20 steps ("DDRM-20"); ``grid`` (decreasing) overrides it.
     * ``eta = 0.85``, ``eta_b = 1.0`` -- the paper's defaults; both in ``[0, 1]``.
     * ``seed = 0`` -- seeds the noise ``z``.
-    * ``progress = False``.
+    * ``progress = None``, ``callback = None`` (see :class:`~adjointflow.guidance.base.RunMonitor`).
 
     The objective must be ``MeasurementLoss(op, y, sigma)`` with Gaussian noise and an operator with
     a closed-form SVD (:class:`Inpaint`, :class:`Downsample`, :class:`GaussianBlur`, :class:`MatrixOperator`).
@@ -51,7 +51,8 @@ class DDRM(StepwiseSampler):
     eta_b: float = 1.0
     grid: Any = None
     seed: int = 0
-    progress: bool = False
+    progress: bool | None = None
+    callback: Any = None
 
     label = "DDRM"
 

@@ -40,7 +40,7 @@ class DiffPIR(StepwiseSampler):
     * ``zeta = 0.3`` -- fresh-noise fraction of the variance (paper: 0.3 for super-resolution and
       deblurring, 1.0 for inpainting); in ``[0, 1]``.
     * ``data_variance = 1.0`` -- ``c`` in ``r_t^2``; ``inf`` is the paper's ``rho^2``.
-    * ``seed = 0``, ``progress = False``.
+    * ``seed = 0``; ``progress = None``, ``callback = None`` (see :class:`~adjointflow.guidance.base.RunMonitor`).
 
     The objective must be ``MeasurementLoss(op, y, sigma)`` with Gaussian noise and an operator with a
     closed-form SVD. Cost: ``steps`` NFE, zero VJPs.
@@ -52,7 +52,8 @@ class DiffPIR(StepwiseSampler):
     data_variance: float = 1.0
     grid: Any = None
     seed: int = 0
-    progress: bool = False
+    progress: bool | None = None
+    callback: Any = None
 
     label = "DiffPIR"
 

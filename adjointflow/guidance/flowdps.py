@@ -48,7 +48,7 @@ class FlowDPS(StepwiseSampler):
     * ``iterations = 3`` -- gradient steps per sampling step (official code).
     * ``stochasticity = 1.0`` -- scales the fresh-noise fraction ``1 - tau'`` (1 = official, 0 =
       deterministic); in ``[0, 1]``.
-    * ``seed = 0``, ``progress = False``.
+    * ``seed = 0``; ``progress = None``, ``callback = None`` (see :class:`~adjointflow.guidance.base.RunMonitor`).
 
     Cost: ``steps`` NFE, zero VJPs through the network (gradients go through the objective only).
     """
@@ -59,7 +59,8 @@ class FlowDPS(StepwiseSampler):
     stochasticity: float = 1.0
     grid: Any = None
     seed: int = 0
-    progress: bool = False
+    progress: bool | None = None
+    callback: Any = None
 
     label = "FlowDPS"
 

@@ -53,7 +53,7 @@ class LanPaint(StepwiseSampler):
     * ``langevin_steps = 5`` -- inner Langevin steps per ODE step while coordinates are pinned
       ("LanPaint-5", the paper's common setting).
     * ``step_size = 0.2`` -- Langevin step ``delta = step_size sigma^2`` (stable below 2).
-    * ``seed = 0``, ``progress = False``.
+    * ``seed = 0``; ``progress = None``, ``callback = None`` (see :class:`~adjointflow.guidance.base.RunMonitor`).
 
     The objective must be ``MeasurementLoss(op, y, sigma)`` with Gaussian noise and an operator with a
     closed-form SVD. Cost: ``steps`` NFE plus ``langevin_steps`` per pinned step; zero VJPs.
@@ -64,7 +64,8 @@ class LanPaint(StepwiseSampler):
     step_size: float = 0.2
     grid: Any = None
     seed: int = 0
-    progress: bool = False
+    progress: bool | None = None
+    callback: Any = None
 
     label = "LanPaint"
 

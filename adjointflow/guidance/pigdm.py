@@ -44,7 +44,7 @@ class PiGDM(StepwiseSampler):
     * ``eta = 1.0`` -- the paper's DDIM ``eta`` (fresh-noise fraction here); ``0`` is deterministic.
     * ``scale = 1.0`` -- multiplies Bayes' weight ``sigma^2 / alpha`` of the likelihood score.
     * ``data_variance = 1.0`` -- ``c`` in ``r_t^2`` (the paper's unit variance).
-    * ``seed = 0``, ``progress = False``.
+    * ``seed = 0``; ``progress = None``, ``callback = None`` (see :class:`~adjointflow.guidance.base.RunMonitor`).
 
     The objective must be ``MeasurementLoss(op, y, sigma)`` with Gaussian noise and an operator with a
     closed-form SVD. Cost: ``steps`` NFE and ``steps`` VJPs through the network.
@@ -56,7 +56,8 @@ class PiGDM(StepwiseSampler):
     data_variance: float = 1.0
     grid: Any = None
     seed: int = 0
-    progress: bool = False
+    progress: bool | None = None
+    callback: Any = None
 
     label = "PiGDM"
 

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from ..driver import ModelCall
 from ..errors import NonFiniteError
-from .base import (Counter, CountedDenoiser, GuidanceResult, Timer, check_positive_int, check_run_inputs,
-                   evaluate_objective, progress_bar, sampling_grid, stack_losses)
+from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_positive_int,
+                   check_progress, check_run_inputs, evaluate_objective, sampling_grid, stack_losses)
 
 __all__ = ["StepwiseSampler", "Step", "check_fraction", "tweedie_variance"]
 
@@ -86,7 +86,9 @@ class Step:
 
 class StepwiseSampler:
     """Base of the decomposition samplers: subclasses are frozen dataclasses with fields ``steps``,
-    ``grid``, ``seed`` and ``progress`` (and their own), and implement ``_prepare``/``_update``."""
+    ``grid``, ``seed``, ``progress`` and ``callback`` (and their own), and implement ``_prepare`` /
+    ``_update``. The run follows the callback / Ctrl-C / progress protocol of
+    :class:`~adjointflow.guidance.base.RunMonitor` (stopped early, it returns the latest clean estimate)."""
 
     label: ClassVar[str] = "sampler"
 
@@ -105,6 +107,8 @@ class StepwiseSampler:
     def _check_common(self) -> None:
         check_positive_int("steps", self.steps)
         check_int("seed", self.seed)
+        check_progress(self.progress)
+        check_callback(self.callback)
 
     def run(self, denoiser, objective, x_init: Tensor, cond=None) -> GuidanceResult:
         """Sample from ``x_init`` (the state at ``grid[0]``) toward the measurement in ``objective``."""
@@ -118,9 +122,8 @@ class StepwiseSampler:
         alphas = sch.alpha(grid).to(dtype=x.dtype, device=x.device)
         sigmas = sch.sigma(grid).to(dtype=x.dtype, device=x.device)
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        losses = []
-        bar = progress_bar(self.progress, len(grid) - 1, self.label)
-        try:
+        mon = RunMonitor(self.label, len(grid) - 1, callback=self.callback, progress=self.progress)
+        with mon:
             for i in range(len(grid) - 1):
                 model.step = i
                 step = Step(model, i, grid[i], grid[i + 1], alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1], gen)
@@ -131,11 +134,14 @@ class StepwiseSampler:
                                          step=i, t=float(step.t))
                 with torch.no_grad():
                     loss = evaluate_objective(objective, x0.detach(), step.t, where=step.where())
-                losses.append(loss)
-                bar.update(1)
-                bar.set_postfix(loss=float(loss.mean()))
-        finally:
-            bar.close()
-        with torch.no_grad():
-            losses.append(evaluate_objective(objective, x, grid[-1], where="at the final sample"))
-        return GuidanceResult(x, x_init.detach(), stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, cond)
+                if mon.record(i, loss, x0, t=step.t):
+                    break
+        losses = mon.losses
+        if mon.interrupted or mon.stopped:  # the clean estimate of the last step reached
+            x, _, last = mon.estimate(x_init)
+            losses.append(last)
+        else:
+            with torch.no_grad():
+                losses.append(evaluate_objective(objective, x, grid[-1], where="at the final sample"))
+        return GuidanceResult(x, x_init.detach(), stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, cond,
+                              mon.stop_reason)
