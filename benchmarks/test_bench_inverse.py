@@ -164,28 +164,37 @@ def lanpaint_steps(budget, k, t_star):
 def candidates(op, budget):
     """Family -> list of (settings text, method) fitting ``budget`` NFE per image."""
     sde1, sde2 = SDEDPMSolverPP(order=1), SDEDPMSolverPP(order=2)
+    quiet = dict(progress=False)
     out = {
-        "DPS": [(f"{s}, scale={c}", DPS(solver=v, steps=budget, scale=c, noise=None))
+        "DPS": [(f"{s}, scale={c}", DPS(solver=v, steps=budget, scale=c, **quiet))
                 for (s, v), c in itertools.product((("Euler", Euler()), ("SDE-DPM++1", sde1), ("SDE-DPM++2", sde2)),
                                                    (0.5, 1.0, 2.0))],
-        "FlowChef": [(f"lr={lr}", FlowChef(steps=budget, lr=lr)) for lr in (0.02, 0.05, 0.1)],
-        "PiGDM": [(f"eta={e}, scale={c}", PiGDM(steps=budget, eta=e, scale=c))
+        "FlowChef": [(f"lr={lr}", FlowChef(steps=budget, lr=lr, **quiet)) for lr in (0.02, 0.05, 0.1)],
+        "PiGDM": [(f"eta={e}, scale={c}", PiGDM(steps=budget, eta=e, scale=c, **quiet))
                   for e, c in itertools.product((0.5, 1.0), (0.5, 1.0))],
-        "DDRM": [(f"eta={e}", DDRM(steps=budget, eta=e)) for e in (0.0, 0.3, 0.6, 0.85)],
-        "DiffPIR": [(f"lam={lam}, zeta={z}", DiffPIR(steps=budget, lam=lam, zeta=z))
+        "DDRM": [(f"eta={e}", DDRM(steps=budget, eta=e, **quiet)) for e in (0.0, 0.3, 0.6, 0.85)],
+        "DiffPIR": [(f"lam={lam}, zeta={z}", DiffPIR(steps=budget, lam=lam, zeta=z, **quiet))
                     for lam, z in itertools.product((1.0, 7.0, 25.0), (0.1, 0.3, 1.0))],
         "FlowDPS": [(f"lr={lr}, iterations={k}, stochasticity={s}", FlowDPS(steps=budget, lr=lr, iterations=k,
-                                                                              stochasticity=s))
+                                                                              stochasticity=s, **quiet))
                     for lr, k, s in itertools.product((3.0, 10.0, 20.0), (1, 3), (0.5, 1.0))],
     }
-    out["FlowDPS x2"] = [(f"{t} x2", Averaged(dataclasses.replace(m, steps=budget // 2), 2))
-                         for t, m in out["FlowDPS"] if m.stochasticity == 1.0]
-    out["DDRM x2"] = [(f"{t} x2", Averaged(dataclasses.replace(m, steps=budget // 2), 2)) for t, m in out["DDRM"]]
+
+    def averaged(family, k, keep=lambda m: True):
+        return [(f"{t}, {budget // k} steps x{k}", Averaged(dataclasses.replace(m, steps=budget // k), k))
+                for t, m in out[family] if keep(m)]
+
+    stochastic = lambda m: m.solver.stochastic  # noqa: E731
+    out["DPS x2"] = averaged("DPS", 2, stochastic)
+    out["DPS x4"] = averaged("DPS", 4, lambda m: stochastic(m) and m.solver.order == 1 and m.scale >= 1)
+    out["PiGDM x2"] = averaged("PiGDM", 2, lambda m: m.eta == 1.0)
+    out["DDRM x2"] = averaged("DDRM", 2)
+    out["FlowDPS x2"] = averaged("FlowDPS", 2, lambda m: m.stochasticity == 1.0)
     if op.has_svd:
         s_max = float(op.singular_values(torch.zeros(1, 1, 16, 16)).max())
         t_star = (SIGMA_Y / s_max) / (1 + SIGMA_Y / s_max)
         out["LanPaint"] = [(f"steps={lanpaint_steps(budget, k, t_star)}, langevin_steps={k}, step_size={ss}",
-                            LanPaint(steps=lanpaint_steps(budget, k, t_star), langevin_steps=k, step_size=ss))
+                            LanPaint(steps=lanpaint_steps(budget, k, t_star), langevin_steps=k, step_size=ss, **quiet))
                            for k, ss in itertools.product((1, 2, 4), (0.3, 0.8))]
     return out
 
