@@ -12,8 +12,8 @@ of the current level (``= t`` for :class:`~adjointflow.schedules.LinearFlow`):
 
 ``G`` is the measurement residual ``||y - A x0||`` where the objective has one (``residual_norm`` of
 :class:`MeasurementLoss`), else ``sqrt(loss)``, as the official code's step on the residual norm; any
-differentiable objective works. The update follows the official implementation
-(``sd3_sampler.py``, pixel space instead of a latent decoder).
+differentiable objective works. The update follows the authors' public SD3 implementation (here in
+pixel space instead of through a latent decoder).
 """
 from __future__ import annotations
 
