@@ -18,7 +18,8 @@ IDS = [m.__name__ for m in METHODS]
 
 def small(method):
     """A cheap configuration of each method (the defaults are exercised separately)."""
-    return {DPS: DPS(steps=5), FlowChef: FlowChef(steps=5), DFlow: DFlow(steps=2, iterations=2, max_iter=3),
+    return {DPS: DPS(steps=5, noise=af.BrownianNoise((3, 2), seed=0, dtype=D)),  # a stochastic default solver
+            FlowChef: FlowChef(steps=5), DFlow: DFlow(steps=2, iterations=2, max_iter=3),
             AdjointGuidance: AdjointGuidance(steps=3, iterations=2)}[method]
 
 

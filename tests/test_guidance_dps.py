@@ -201,7 +201,7 @@ def test_dps_argument_errors():
     obj = lambda x0: (x0**2).sum(1)
     x = torch.randn(3, 2, dtype=D)
     with pytest.raises(ValueError, match="deterministic"):
-        DPS(steps=3, noise=af.BrownianNoise((3, 2), dtype=D)).run(data.denoiser(VP), obj, x)
+        DPS(steps=3, solver=af.Euler(), noise=af.BrownianNoise((3, 2), dtype=D)).run(data.denoiser(VP), obj, x)
     with pytest.raises(ValueError, match=r"noise has shape \(4, 2\)"):
         DPS(steps=3, solver=af.EulerMaruyama(), noise=af.BrownianNoise((4, 2), dtype=D)).run(data.denoiser(VP), obj, x)
     with pytest.raises(ValueError, match="decreasing"):
