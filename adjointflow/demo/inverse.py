@@ -95,7 +95,7 @@ def make_tasks(n: int, sigma_y: float, seed: int, validation: bool = False) -> l
 
 #: guidance methods with defaults, run as ``Method()`` (or with the caps of a smaller demo); DPS's default
 #: (1000 steps) is the paper's, so the demo runs it at 50 Euler steps
-DEFAULT_METHODS = ("FlowChef", "DFlow", "AdjointGuidance", "DDRM", "PiGDM", "DiffPIR", "FlowDPS")
+DEFAULT_METHODS = ("FlowChef", "DFlow", "AdjointGuidance", "DDRM", "PiGDM", "DiffPIR", "FlowDPS", "LanPaint")
 
 
 def method_factories(guidance_steps: int = 50, dflow_iterations: int = 20, adjoint_iterations: int = 100,
@@ -116,7 +116,8 @@ def method_factories(guidance_steps: int = 50, dflow_iterations: int = 20, adjoi
     out: dict[str, Callable | None] = {"DPS": None, **{name: None for name in DEFAULT_METHODS}}
     if hasattr(G, "DPS"):
         out["DPS"] = lambda: G.DPS(solver=Euler(), steps=guidance_steps, scale=1.0)
-    caps = {"FlowChef": {"steps": guidance_steps}, "DFlow": {"iterations": dflow_iterations},
+    caps = {"FlowChef": {"steps": guidance_steps}, "LanPaint": {"steps": guidance_steps},
+            "DFlow": {"iterations": dflow_iterations},
             "AdjointGuidance": {"iterations": adjoint_iterations}}
     for name in DEFAULT_METHODS:
         cls = getattr(G, name, None)
