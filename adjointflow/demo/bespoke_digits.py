@@ -12,6 +12,7 @@ class-conditional latents (labels 0-9), a held-out set kept for early stopping.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ __all__ = ["BUNDLED", "BUNDLE_DIR", "T_START", "T_END", "bundled_path", "load_bu
 #: NFE budget -> (base, steps) of the bundled solver
 BUNDLED = {10: ("rk2", 5)}
 T_START, T_END = 0.999, 1e-3
+#: training set-up of the bundle: latents, ground-truth tolerance, L-BFGS iterations, patience (in
+#: held-out evaluations, every 10 iterations)
+N_TRAIN, N_VAL, GT_TOL, ITERATIONS, PATIENCE = 256, 64, 1e-7, 100, 3
 #: where the bundled files live (next to the digits weights)
 BUNDLE_DIR = DEFAULT_DIR
 
@@ -44,19 +48,34 @@ def _latents(n: int, seed: int):
     return torch.randn(n, 1, 16, 16, generator=g), torch.arange(n) % 10
 
 
-def train_bundled_bespoke(den, nfe: int, path=None, iterations: int = 150, n_train: int = 256, n_val: int = 64,
-                          seed: int = 0, progress: bool = True):
-    """Train the bundled bespoke solver for ``nfe`` for ``den`` and save it to ``path`` (default: the
-    bundled file). Returns ``(solver, history)``."""
+def bundled_ground_truth(den, n_train: int = N_TRAIN, n_val: int = N_VAL, tol: float = GT_TOL, seed: int = 0):
+    """dopri5 solutions (rtol = atol = ``tol``) of the training and held-out latents of the bundle:
+    fixed seeds, labels 0-9 in turn; shared by every NFE."""
+    from ..solvers.bespoke_train import ground_truth
+
+    return tuple(ground_truth(den, x, T_START, T_END, cond=y, rtol=tol, atol=tol, points=2)
+                 for x, y in (_latents(n_train, seed + 100), _latents(n_val, seed + 200)))
+
+
+def train_bundled_bespoke(den, nfe: int, path=None, gt=None, init=None, iterations: int = ITERATIONS,
+                          progress: bool = True):
+    """Train the bundled bespoke solver for ``nfe`` for ``den`` with :func:`~adjointflow.fit_bespoke`'s
+    default recipe (final-RMSE loss, full-batch L-BFGS, best held-out iterate kept; ``init`` warm-starts
+    from a trained solver of the same base) and save it to ``path`` (default: the bundled file).
+    ``gt``: the ``(train, val)`` ground truth, default :func:`bundled_ground_truth`. Returns ``(solver, history)``."""
     from ..solvers import BespokeSolver, fit_bespoke
 
     base, steps = _spec(nfe)
     solver = BespokeSolver(steps, base=base)
-    (xt, yt), (xv, yv) = _latents(n_train, seed + 100), _latents(n_val, seed + 200)
-    hist = fit_bespoke(den, solver, xt, xv, t_start=T_START, t_end=T_END, cond_train=yt, cond_val=yv,
-                       loss="rmse", iterations=iterations, batch_size=32, lr=1e-2, lr_final=5e-4,
-                       eval_every=25, seed=seed, rtol=1e-5, atol=1e-5, progress=progress)
-    solver.save(bundled_path(nfe) if path is None else path, denoiser=den)
+    gt_train, gt_val = bundled_ground_truth(den) if gt is None else gt
+    hist = fit_bespoke(den, solver, gt_train, gt_val, t_start=T_START, t_end=T_END, iterations=iterations,
+                       eval_every=10, patience=PATIENCE, init=init, progress=progress)
+    info = {"command": f"python -m adjointflow.demo.bespoke_digits --nfe {nfe}", "seconds": round(hist.seconds, 1),
+            "load_average": round(os.getloadavg()[0], 2), "iterations": hist.eval_iteration[-1],
+            "best_iteration": hist.best_iteration, "stopped": hist.stopped, "loss_evaluations": len(hist.loss),
+            "val_rmse_start": hist.val_rmse[0], "val_rmse_best": hist.best_val_rmse, "n_train": len(gt_train),
+            "n_val": len(gt_val), "warm_start_from": None if init is None else init.n_steps * init.nfe_per_step}
+    solver.save(bundled_path(nfe) if path is None else path, denoiser=den, info=info)
     return solver, hist
 
 
@@ -89,20 +108,35 @@ def bundled_bespoke_solvers(den, nfes, directory=None) -> tuple[dict, list[str]]
 
 
 def main(argv=None) -> int:
+    import time
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nfe", type=int, choices=sorted(BUNDLED), action="append",
-                    help="NFE budget to retrain (repeatable; default: all)")
+                    help="NFE budget to retrain (repeatable; default: all, each warm-started from the previous one "
+                         "with the same base)")
     ap.add_argument("--out-dir", default=None, help="default: the package's bundle")
-    ap.add_argument("--iterations", type=int, default=150)
+    ap.add_argument("--iterations", type=int, default=ITERATIONS)
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    from .run import load_denoiser
+    try:
+        from .run import load_denoiser
 
-    den = load_denoiser()[0]
-    for nfe in args.nfe or sorted(BUNDLED):
-        out = bundled_path(nfe, args.out_dir)
-        _, hist = train_bundled_bespoke(den, nfe, out, iterations=args.iterations)
-        print(f"wrote {out}: held-out RMSE {hist.val_rmse[0]:.4f} (untrained) -> {hist.best_val_rmse:.4f}")
+        den = load_denoiser()[0]
+        start = time.perf_counter()
+        gt = bundled_ground_truth(den)
+        print(f"ground truth: {N_TRAIN} + {N_VAL} latents, dopri5 at {GT_TOL:g}, {time.perf_counter() - start:.0f} s")
+        previous = {}
+        for nfe in sorted(args.nfe or BUNDLED):
+            out = bundled_path(nfe, args.out_dir)
+            init = previous.get(_spec(nfe)[0])
+            solver, hist = train_bundled_bespoke(den, nfe, out, gt=gt, init=init, iterations=args.iterations)
+            previous[solver.base] = solver
+            print(f"wrote {out}: NFE {nfe} ({solver.base}, {solver.n_steps} steps{', warm start' if init else ''}), "
+                  f"held-out RMSE {hist.val_rmse[0]:.4f} -> {hist.best_val_rmse:.4f} at iteration "
+                  f"{hist.best_iteration}, {hist.seconds:.0f} s (load average {os.getloadavg()[0]:.1f})")
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

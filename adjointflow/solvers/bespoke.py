@@ -38,10 +38,12 @@ solver, one whose ends differ from the interval it was trained on.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -119,6 +121,8 @@ class BespokeSolver(nn.Module, Solver):
         self.register_buffer("interval", torch.full((2,), math.nan, dtype=torch.float64))
         #: fingerprint of the model it was trained for (set by fit_bespoke / load; saved with it)
         self.model_fingerprint: str | None = None
+        #: free-form provenance saved with it (e.g. training seconds), JSON-serialisable; None if unknown
+        self.info: dict | None = None
 
     # --- Solver protocol ---------------------------------------------------------------------
     @property
@@ -335,13 +339,84 @@ class BespokeSolver(nn.Module, Solver):
                 solver.sdot_mid.copy_(f(ds, rm))
         return solver
 
+    @classmethod
+    def for_nfe(cls, nfe: int, base: str = "rk2") -> "BespokeSolver":
+        """A fresh solver spending exactly ``nfe`` network evaluations: ``nfe`` RK1 steps or ``nfe / 2``
+        RK2 steps. ``ValueError`` naming the nearest achievable budgets if ``base`` cannot spend ``nfe``."""
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+            raise ValueError(f"nfe must be a positive int, got {nfe!r}")
+        if base not in _BASES:
+            raise ValueError(f"base must be one of {_BASES}, got {base!r}")
+        per = 1 if base == "rk1" else 2
+        if nfe % per:
+            lo, hi = nfe - nfe % per, nfe - nfe % per + per
+            near = f"nfe={hi}" if lo < per else f"nfe={lo} or nfe={hi}"
+            raise ValueError(f"NFE {nfe} is not achievable with base={base!r} ({per} evaluations per step): use "
+                             f"{near}, or base='rk1' for any NFE")
+        return cls(nfe // per, base)
+
+    # --- warm start ----------------------------------------------------------------------------
+    def _transform_samples(self) -> dict:
+        """The learned transform as samples at ``r``: ``phi`` and ``s`` at every node and midpoint,
+        ``dphi = phi'`` and ``sdot`` where a step evaluates them (float64 numpy arrays, sorted by ``r``)."""
+        n, h = self.n_steps, 1.0 / self.n_steps
+        with torch.no_grad():
+            phi = self._phi()
+            d = phi[1:] - phi[:-1]
+            r = torch.arange(n + 1, dtype=torch.float64) * h
+            s = torch.cat([self.log_s.new_ones(1), torch.exp(self.log_s)])
+            out = {"phi": [(r, phi)], "s": [(r, s)], "dphi": [(r[:-1], d * torch.exp(self.kappa) / h)],
+                   "sdot": [(r[:-1], self.sdot.detach())]}
+            if self.base == "rk2":
+                rm = r[:-1] + 0.5 * h
+                out["phi"].append((rm, phi[:-1] + torch.sigmoid(self.theta_mid) * d))
+                out["s"].append((rm, torch.exp(self.log_s_mid)))
+                out["dphi"].append((rm, d * torch.exp(self.kappa_mid) / h))
+                out["sdot"].append((rm, self.sdot_mid.detach()))
+        samples = {}
+        for k, parts in out.items():
+            rr = torch.cat([p[0] for p in parts]).numpy()
+            vv = torch.cat([p[1].detach().cpu() for p in parts]).numpy()
+            order = np.argsort(rr, kind="stable")
+            samples[k] = (rr[order], vv[order])
+        return samples
+
+    def load_transform(self, other: "BespokeSolver") -> None:
+        """Set this solver's parameters to ``other``'s transform resampled at this solver's ``r``
+        nodes (warm start at another step count, same base): ``phi`` and ``log s`` are interpolated
+        piecewise linearly between ``other``'s samples (nodes and, for RK2, midpoints), ``log phi'``
+        and ``sdot`` likewise, held constant beyond the last sample. Monotonicity and positivity are
+        kept, so the result is a valid transform; its interval and fingerprint are not copied."""
+        if not isinstance(other, BespokeSolver):
+            raise TypeError(f"other must be a BespokeSolver, got {type(other).__name__}")
+        if other.base != self.base:
+            raise ValueError(f"cannot load a base={other.base!r} transform into a base={self.base!r} solver")
+        smp = other._transform_samples()
+
+        def interp(key, log=False):
+            rr, vv = smp[key]
+            vv = np.log(vv) if log else vv
+
+            def f(r):
+                y = np.interp(np.asarray(r, dtype=np.float64), rr, vv)
+                return torch.as_tensor(np.exp(y) if log else y, dtype=torch.float64)
+            return f
+
+        src = BespokeSolver.from_transform(self.n_steps, self.base, interp("phi"), interp("dphi", log=True),
+                                           interp("s", log=True), interp("sdot"))
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(dict(src.named_parameters())[name])
+
     # --- persistence -------------------------------------------------------------------------
-    def save(self, path, denoiser=None, fingerprint: str | None = None, *, model_id: str | None = None) -> None:
+    def save(self, path, denoiser=None, fingerprint: str | None = None, *, model_id: str | None = None,
+             info: dict | None = None) -> None:
         """Write the parameters with the metadata :meth:`load` checks: format version, ``n_steps``,
         ``base``, the trained interval, the fingerprint of the model it was trained for (taken from
         ``denoiser`` and ``model_id``, else from ``fingerprint``, else the one :func:`fit_bespoke`
-        recorded) and a SHA-256 of all of it. The file is replaced atomically (written next to
-        ``path``, then renamed): an interrupted save leaves the previous file intact."""
+        recorded), ``info`` (a JSON-serialisable dict, default :attr:`info`; read back as ``solver.info``)
+        and a SHA-256 of all of it. The file is replaced atomically (written next to ``path``, then
+        renamed): an interrupted save leaves the previous file intact."""
         fp = model_fingerprint(denoiser, model_id) if denoiser is not None else fingerprint
         if fp is not None and self.model_fingerprint is not None and fp != self.model_fingerprint:
             raise ValueError("this solver was trained for a different model than the one given to save(); "
@@ -349,8 +424,16 @@ class BespokeSolver(nn.Module, Solver):
         fp = fp if fp is not None else self.model_fingerprint
         if fp is None:
             raise ValueError("unknown model: pass the denoiser this solver was trained for, save(path, denoiser)")
+        info = self.info if info is None else info
+        if info is not None:
+            if not isinstance(info, dict):
+                raise TypeError(f"info must be a dict, got {type(info).__name__}")
+            try:
+                info = json.loads(json.dumps(info, allow_nan=False))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"info must be JSON-serialisable with finite numbers: {exc}") from exc
         meta = {"format": _FORMAT, "version": _VERSION, "n_steps": self.n_steps, "base": self.base,
-                "model_fingerprint": fp}
+                "model_fingerprint": fp, "info": info}
         tensors = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
         save_atomic({**meta, "state_dict": tensors, "sha256": digest(meta, tensors)}, path)
 
@@ -384,6 +467,7 @@ class BespokeSolver(nn.Module, Solver):
         if not all(bool(torch.isfinite(p).all()) for p in solver.parameters()):
             raise ValueError(f"{path}: the saved parameters are not all finite")
         solver.model_fingerprint = fp
+        solver.info = blob.get("info")
         return solver
 
 
@@ -408,7 +492,9 @@ def _read_blob(path) -> dict:
     tensors = blob["state_dict"]
     if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in tensors.items()):
         raise ValueError(f"{path} is a damaged BespokeSolver file: its state_dict holds non-tensors")
-    meta = {k: blob[k] for k in ("format", "version", "n_steps", "base", "model_fingerprint")}
+    if not isinstance(blob.get("info"), (dict, type(None))):
+        raise ValueError(f"{path} is a damaged BespokeSolver file: 'info' is not a dict")
+    meta = {k: blob.get(k) for k in ("format", "version", "n_steps", "base", "model_fingerprint", "info")}
     if digest(meta, tensors) != blob["sha256"]:
         raise ValueError(f"{path} fails its checksum: the file was altered or damaged after it was saved")
     if blob["n_steps"] < 1 or blob["base"] not in _BASES:
