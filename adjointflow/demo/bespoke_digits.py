@@ -124,8 +124,9 @@ def main(argv=None) -> int:
 
         den = load_denoiser()[0]
         start = time.perf_counter()
+        print(f"computing the ground truth of {N_TRAIN} + {N_VAL} latents (dopri5 at {GT_TOL:g}) ...", flush=True)
         gt = bundled_ground_truth(den)
-        print(f"ground truth: {N_TRAIN} + {N_VAL} latents, dopri5 at {GT_TOL:g}, {time.perf_counter() - start:.0f} s")
+        print(f"ground truth done in {time.perf_counter() - start:.0f} s (load average {os.getloadavg()[0]:.1f})")
         previous = {}
         for nfe in sorted(args.nfe or BUNDLED):
             out = bundled_path(nfe, args.out_dir)

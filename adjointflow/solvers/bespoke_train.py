@@ -477,12 +477,12 @@ def fit_bespoke(
                 if it % eval_every == 0 or it == iterations:
                     stop = evaluate(it)
         history.stopped = history.stopped or ("patience" if stop else "iterations")
-    finally:
+    finally:  # also on an error or Ctrl-C: the solver keeps the best parameters seen so far
         if bar is not None:
             bar.close()
-    if keep_best and best is not None:
-        solver.load_state_dict(best)
-    history.seconds = time.perf_counter() - start
+        if keep_best and best is not None:
+            solver.load_state_dict(best)
+        history.seconds = time.perf_counter() - start
     return history
 
 
