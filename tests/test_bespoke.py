@@ -919,7 +919,7 @@ def test_bundled_solvers_load_and_beat_every_generic_solver(digits_heldout):
     from adjointflow.demo import bespoke_digits as B
 
     den, gt = digits_heldout
-    # assert set(B.BUNDLED) == {5, 10, 20}  # TODO i16: enable once all are bundled
+    assert set(B.BUNDLED) == {5, 10, 20}
     for nfe in sorted(B.BUNDLED):
         s = B.load_bundled_bespoke(den, nfe)
         assert s.trained and s.n_steps * s.nfe_per_step <= nfe

@@ -2,12 +2,12 @@
 
 One file per NFE budget in :data:`BUNDLED` (base and steps chosen by measurement, see
 ``benchmarks/results/bespoke.md``), each carrying the model fingerprint and a checksum, so it only
-loads, intact, for the model it was trained for. Retrain one (or all) with
+loads, intact, for the model it was trained for. Retrain all (or one, ``--nfe 10``) with
 
-    python -m adjointflow.demo.bespoke_digits --nfe 10
+    python -m adjointflow.demo.bespoke_digits
 
-on the demo's interval t = 0.999 -> 1e-3, with the final-RMSE loss against dopri5 solutions of
-class-conditional latents (labels 0-9), a held-out set kept for early stopping.
+on the demo's interval t = 0.999 -> 1e-3 with :func:`~adjointflow.fit_bespoke`'s default recipe against
+dopri5 solutions of 128 class-conditional latents (labels 0-9), 64 held-out ones for early stopping.
 """
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ __all__ = ["BUNDLED", "BUNDLE_DIR", "T_START", "T_END", "bundled_path", "load_bu
            "train_bundled_bespoke"]
 
 #: NFE budget -> (base, steps) of the bundled solver
-BUNDLED = {10: ("rk2", 5)}
+BUNDLED = {5: ("rk2", 2), 10: ("rk2", 5), 20: ("rk2", 10)}
 T_START, T_END = 0.999, 1e-3
 #: training set-up of the bundle: latents, ground-truth tolerance, L-BFGS iterations, patience (in
 #: held-out evaluations, every 10 iterations)
-N_TRAIN, N_VAL, GT_TOL, ITERATIONS, PATIENCE = 256, 64, 1e-7, 100, 3
+N_TRAIN, N_VAL, GT_TOL, ITERATIONS, PATIENCE = 128, 64, 1e-6, 60, 3
 #: where the bundled files live (next to the digits weights)
 BUNDLE_DIR = DEFAULT_DIR
 
@@ -107,13 +107,24 @@ def bundled_bespoke_solvers(den, nfes, directory=None) -> tuple[dict, list[str]]
     return solvers, notes
 
 
+def _warm_start_source(den, nfe: int, directory=None):
+    """The bundled solver with the next larger NFE, if it has the same base and loads (else ``None``)."""
+    larger = [n for n in sorted(BUNDLED) if n > nfe and BUNDLED[n][0] == BUNDLED[nfe][0]]
+    if not larger:
+        return None
+    try:
+        return load_bundled_bespoke(den, larger[0], bundled_path(larger[0], directory))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def main(argv=None) -> int:
     import time
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nfe", type=int, choices=sorted(BUNDLED), action="append",
-                    help="NFE budget to retrain (repeatable; default: all, each warm-started from the previous one "
-                         "with the same base)")
+                    help="NFE budget to retrain (repeatable; default: all, from the largest down, each warm-started "
+                         "from the bundled solver with the next larger NFE when it has the same base)")
     ap.add_argument("--out-dir", default=None, help="default: the package's bundle")
     ap.add_argument("--iterations", type=int, default=ITERATIONS)
     args = ap.parse_args(argv)
@@ -127,12 +138,10 @@ def main(argv=None) -> int:
         print(f"computing the ground truth of {N_TRAIN} + {N_VAL} latents (dopri5 at {GT_TOL:g}) ...", flush=True)
         gt = bundled_ground_truth(den)
         print(f"ground truth done in {time.perf_counter() - start:.0f} s (load average {os.getloadavg()[0]:.1f})")
-        previous = {}
-        for nfe in sorted(args.nfe or BUNDLED):
+        for nfe in sorted(args.nfe or BUNDLED, reverse=True):
             out = bundled_path(nfe, args.out_dir)
-            init = previous.get(_spec(nfe)[0])
+            init = _warm_start_source(den, nfe, args.out_dir)
             solver, hist = train_bundled_bespoke(den, nfe, out, gt=gt, init=init, iterations=args.iterations)
-            previous[solver.base] = solver
             print(f"wrote {out}: NFE {nfe} ({solver.base}, {solver.n_steps} steps{', warm start' if init else ''}), "
                   f"held-out RMSE {hist.val_rmse[0]:.4f} -> {hist.best_val_rmse:.4f} at iteration "
                   f"{hist.best_iteration}, {hist.seconds:.0f} s (load average {os.getloadavg()[0]:.1f})")
