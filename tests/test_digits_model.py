@@ -401,28 +401,3 @@ def test_committed_model_loads_and_is_trained():
     with torch.no_grad():
         recorded = float(digits._flow_loss(net, x, y, torch.Generator().manual_seed(1234)))
     assert recorded == pytest.approx(meta["test_loss_ema"], rel=1e-4)
-
-
-def test_bundled_bespoke_solver_loads_for_the_bundled_model_only():
-    """The demo's bespoke solver (adjointflow/demo/bespoke_digits.py) loads for the committed model and
-    beats its base (midpoint, identity parameters) against dopri5 on fresh latents; another model is refused."""
-    import adjointflow as af
-    from adjointflow.demo.bespoke_digits import BUNDLED, load_bundled_bespoke
-    from adjointflow.demo.run import load_denoiser
-    from adjointflow.demo.sampling import dopri5_reference
-
-    den = load_denoiser()[0]
-    solver = load_bundled_bespoke(den)
-    g = solver.timesteps()
-    x = torch.randn(10, 1, 16, 16, generator=torch.Generator().manual_seed(7))
-    y = torch.arange(10)
-    ref, _ = dopri5_reference(den, x, g, y, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        err_b = float((af.solve(den, x, g, solver, cond=y).x - ref).pow(2).mean().sqrt())
-        base = af.BespokeSolver(BUNDLED[10][1], "rk2")  # identity parameters = midpoint on a uniform grid
-        err_m = float((af.solve(den, x, base.timesteps(float(g[0]), float(g[-1])), base, cond=y).x - ref)
-                      .pow(2).mean().sqrt())
-    assert err_b < 0.75 * err_m, (err_b, err_m)
-    other = af.Denoiser(den.net, af.LinearFlow(), "velocity", net_time=lambda t: 0.5 * t)
-    with pytest.raises(ValueError):
-        load_bundled_bespoke(other)
