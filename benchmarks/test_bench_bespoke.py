@@ -15,7 +15,8 @@ Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest benchmarks/test_bench_bespok
 RMSE as in the paper: each sample's root-mean-square error against the dopri5 solution of the same
 model (rtol = atol = 1e-10 for the mixture, 1e-7 for digits), averaged over samples. "Generic" = every
 deterministic solver class in ``adjointflow.solvers`` in every variant it offers (DPM-Solver++
-2M/3M/2S/3S x midpoint/heun, DEIS 1-3 x tAB/rhoAB, any other class with its defaults and orders 1-3) on
+2M/3M/2S/3S x midpoint/heun, DEIS 1-3 x tAB/rhoAB, UniPC 1-3 x bh1/bh2 x with/without corrector, any
+other class with its defaults and orders 1-3) on
 every grid kind of ``adjointflow.timesteps`` that the interval allows, with as many steps as fit the
 NFE budget (a solver whose warm-up costs an extra evaluation gets one step fewer); ``midpoint`` / ``Euler``
 are the untrained RK2 / RK1 bespoke solvers (bit-identical to those methods, uniform grid). Seconds are
@@ -50,6 +51,7 @@ VARIANTS = {
     "DPMSolverPP": [dict(order=o, multistep=m, solver_type=t) for o in (2, 3) for m in (True, False)
                     for t in ("midpoint", "heun")],
     "DEIS": [dict(order=o, variant=v) for o in (1, 2, 3) for v in ("tAB", "rhoAB")],
+    "UniPC": [dict(order=o, variant=v, corrector=c) for o in (1, 2, 3) for v in ("bh1", "bh2") for c in (True, False)],
 }
 
 
