@@ -1,4 +1,4 @@
-"""Command line: ``python -m adjointflow {demo, train-digits, bench}``.
+"""Command line: ``python -m adjointflow {demo, train-digits, guide, bench}``.
 
 Expected failures (a bad argument, a missing, damaged or crafted weights file, an output that exists,
 training that diverges, a file-system error, Ctrl-C) end the program with a one-line ``error: ...``
@@ -47,7 +47,7 @@ def _learning_rate(s: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m adjointflow`` argument parser (subcommands ``demo``, ``train-digits``, ``bench``)."""
+    """The ``python -m adjointflow`` argument parser (subcommands ``demo``, ``train-digits``, ``guide``, ``bench``)."""
     from .demo.digits import DEFAULT_DIR
 
     ap = argparse.ArgumentParser(
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="adjointflow: differentiable ODE/SDE solvers for diffusion and flow-matching models.",
     )
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = ap.add_subparsers(dest="command", metavar="{demo,train-digits,bench}")
+    sub = ap.add_subparsers(dest="command", metavar="{demo,train-digits,guide,bench}")
     sub.required = True
     # --debug after the subcommand too; SUPPRESS keeps the subparser from resetting a --debug given before it
     common = argparse.ArgumentParser(add_help=False)
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing digits_flow.safetensors in --out (the default --out holds the bundled "
                    "model the demo uses)")
 
+    from .batch.cli import add_guide_parser
+
+    add_guide_parser(sub, common)
     b = sub.add_parser(
         "bench",
         help="run the benchmark suites (pytest benchmarks --benchmark-only)",
@@ -164,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    handlers = {"demo": _cmd_demo, "train-digits": _cmd_train, "bench": _cmd_bench}
+    from .batch.cli import run_guide
+
+    handlers = {"demo": _cmd_demo, "train-digits": _cmd_train, "guide": run_guide, "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
     except (CLIError, OSError, ValueError, ImportError, ArithmeticError) as exc:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["model_fingerprint", "digest", "FingerprintGap", "save_atomic", "describe_error"]
+__all__ = ["model_fingerprint", "digest", "value_digest", "FingerprintGap", "save_atomic", "describe_error"]
 
 _MAX_DEPTH = 24
 
@@ -250,14 +250,14 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def save_atomic(obj, path) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path`` (atomic on POSIX:
-    a reader sees the old file or the new one, never a partial write)."""
+def save_atomic(obj, path, writer=torch.save) -> None:
+    """``writer(obj, file)`` (default ``torch.save``) to a temporary file next to ``path``, then rename it
+    over ``path`` (atomic on POSIX: a reader sees the old file or the new one, never a partial write)."""
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer(obj, f)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a saved file gets the usual mode
@@ -266,3 +266,14 @@ def save_atomic(obj, path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def value_digest(value, what: str = "value") -> str:
+    """SHA-256 (hex) of ``value`` hashed by value as :func:`model_fingerprint` hashes a network (dataclasses,
+    tensors, functions with their code and globals, objects' attributes); :class:`FingerprintGap` naming
+    ``what`` and the part it cannot see."""
+    h = _Hasher()
+    h.feed(value, what)
+    if h.gaps:
+        raise FingerprintGap(f"cannot hash {what} by value: {h.gaps[0]}")
+    return h.h.hexdigest()
