@@ -306,6 +306,7 @@ def fit_bespoke(
     gt_cache: tuple | None = None,
     progress: bool = True,
     model_id: str | None = None,
+    data_parallel=None,
 ) -> BespokeHistory:
     """Train ``solver`` in place for ``denoiser`` (the training problem of Shaul et al. 2024).
 
@@ -333,6 +334,9 @@ def fit_bespoke(
     ends); ``gt_cache = (train_path, val_path)`` caches the ground truth on disk. ``model_id`` names
     the model where its network cannot be fingerprinted by value (see
     :func:`~adjointflow.fingerprint.model_fingerprint`); give the same to ``save`` and ``load``.
+    ``data_parallel``: this process's share of the samples under ``torchrun``, set by
+    :func:`adjointflow.distributed.bespoke.fit_bespoke_distributed` (losses, gradients and RMSEs become
+    means over every rank's samples).
     Returns a :class:`BespokeHistory`; the solver ends up tied to the interval and model fingerprint.
     """
     from ..models import Denoiser
@@ -402,7 +406,10 @@ def fit_bespoke(
         solver.load_transform(init)
     n_tr = len(gt_tr)
     every = torch.arange(n_tr)
-    train_eval_idx = every[: min(eval_train, n_tr)]
+    dp = data_parallel
+    n_all = n_tr if dp is None else dp.n_train  # training samples of all ranks
+    train_eval_idx = torch.arange(min(eval_train, n_all))
+    train_eval_idx = train_eval_idx if dp is None else dp.local(train_eval_idx)
     gen = torch.Generator().manual_seed(seed)
     bar = None
     if progress:
@@ -412,6 +419,8 @@ def fit_bespoke(
 
     def loss_and_grad(idx):
         value = accumulate_loss_gradient(solver, denoiser, gt_tr, idx, loss=loss, lipschitz=lipschitz, chunk=batch_size)
+        if dp is not None:
+            value = dp.mean(value, len(idx), solver.parameters())
         if not math.isfinite(value):
             raise FloatingPointError(f"the bespoke loss became {value} after {len(history.loss)} evaluations; lower lr")
         history.loss.append(value)
@@ -420,13 +429,18 @@ def fit_bespoke(
     best = None
     start = time.perf_counter()
 
+    def rmse_of(gt, idx=None) -> float:
+        count = len(gt) if idx is None else len(idx)
+        v = _evaluate(solver, denoiser, gt, idx) if count else 0.0
+        return v if dp is None else dp.mean(v, count)
+
     def evaluate(it) -> bool:
         """Record held-out/train RMSE; True if patience ran out."""
         nonlocal best
-        v = _evaluate(solver, denoiser, gt_val)
+        v = rmse_of(gt_val)
         history.eval_iteration.append(it)
         history.val_rmse.append(v)
-        history.train_rmse.append(_evaluate(solver, denoiser, gt_tr, train_eval_idx))
+        history.train_rmse.append(rmse_of(gt_tr, train_eval_idx))
         history.eval_seconds.append(time.perf_counter() - start)
         history.eval_loss_evaluations.append(len(history.loss))
         if v < history.best_val_rmse:
@@ -470,7 +484,8 @@ def fit_bespoke(
                 for g in opt.param_groups:  # cosine decay from lr to lr_final
                     g["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * (it - 1) / iterations))
                 opt.zero_grad()
-                loss_and_grad(torch.randperm(n_tr, generator=gen)[: min(batch_size, n_tr)])
+                idx = torch.randperm(n_all, generator=gen)[: min(batch_size, n_all)]
+                loss_and_grad(idx if dp is None else dp.local(idx))
                 opt.step()
                 if bar is not None:
                     bar.update(1)
