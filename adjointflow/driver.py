@@ -69,8 +69,9 @@ class ModelCall:
     def __call__(self, x: Tensor, t) -> Prediction:
         raw = self.denoiser.raw(x, t, self.cond)
         self.record.model(raw, t)
-        source = t.conversion if isinstance(t, EvalPoint) else self.schedule
-        return Prediction(x, t if isinstance(t, EvalPoint) else as_time(t), raw, self.kind, source)
+        if type(t) is EvalPoint:
+            return Prediction(x, t, raw, self.kind, t.conversion)
+        return Prediction(x, as_time(t), raw, self.kind, self.schedule)
 
 
 @dataclass

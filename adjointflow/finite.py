@@ -69,11 +69,19 @@ class FiniteRecord:
 
     def model(self, out: Tensor, t) -> None:
         """Record one model evaluation at time ``t`` (an ``EvalPoint`` or a time tensor)."""
-        self.calls.append((_witness((out,)) if self.mode is not False else None, t))
+        if self.mode is False:
+            self.calls.append((None, t))
+            return
+        if out.requires_grad:
+            out = out.detach()
+        self.calls.append((out.sum(dtype=torch.float32) if out.dtype in _HALF else out.sum(), t))
 
     def end_step(self, i: int, t: float, *tensors: Tensor) -> None:
         """Record the update of step ``i`` (its new tensors, at time ``t``); checks now in ``"step"`` mode."""
-        self.steps.append((i, t, len(self.calls), _witness(tensors) if self.mode is not False else None))
+        w = None
+        if self.mode is not False:
+            w = _sum(tensors[0]) if len(tensors) == 1 else _witness(tensors)
+        self.steps.append((i, t, len(self.calls), w))
         if self.mode == "step":
             self._check()
 

@@ -184,7 +184,7 @@ class EvalPoint:
         return self.t
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prediction:
     """One network evaluation at ``(x, t)``, viewable as any prediction type (conversions are lazy and cached).
 
@@ -198,6 +198,7 @@ class Prediction:
     kind: str
     source: "NoiseSchedule | Coefficients | Conversion"
     # plain dict rather than functools.cached_property: the latter takes a lock that torch.compile cannot trace
+    # (and a slotted, non-frozen dataclass: built once per network call, its __init__ is a few assignments)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -296,7 +297,7 @@ class Denoiser(nn.Module):
     def network_time(self, t, x: Tensor) -> Tensor:
         """The time tensor of shape ``(batch,)`` the network receives for our ``t`` (a float, a tensor, or an
         :class:`EvalPoint` whose network time was computed once per solve by :meth:`network_times`)."""
-        if isinstance(t, EvalPoint):
+        if type(t) is EvalPoint:
             return t.t_net
         if not isinstance(t, Tensor) and self.net_time is None and not self.noise_at_zero:
             return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
@@ -328,7 +329,7 @@ class Denoiser(nn.Module):
             out = self.net(x, tn, **cond)
         else:
             out = self.net(x, tn, cond)
-        if not torch.compiler.is_compiling() and tn._version != version:
+        if version is not None and tn._version != version:
             # the time tensors of a solve are planned once and reused: an in-place change would leak into later calls
             raise ValueError("the network modified its time input in place; use out-of-place ops on t (t = t * c)")
         if not isinstance(out, Tensor):

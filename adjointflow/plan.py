@@ -222,7 +222,7 @@ def _bind(v: Any, evals: list, values) -> Any:
 # times, conversions, dtype/device) per denoiser, batch size, dtype and device.
 _PLANS: OrderedDict = OrderedDict()
 _BOUND: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_CACHE_SIZE = 32
+_CACHE_SIZE = 128  # plans per process and bound plans per denoiser (a few kB each; LRU)
 
 
 def _state_key(obj):

@@ -22,8 +22,8 @@ function of ``(state, row, noise)`` and solving twice gives the same answer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -49,17 +49,17 @@ def lin(a, x: Tensor, b, y: Tensor) -> Tensor:
     return torch.addcmul(a * x, b, y)
 
 
-@dataclass(frozen=True)
-class State:
+class State(NamedTuple):
     """Solver state at one grid time: the sample ``x`` and solver-specific ``history`` tensors.
 
     ``history`` holds what a multistep method carries between steps (e.g. previous data
     predictions, newest first); its times are implied by the grid. Only tensors live here, so a
-    gradient strategy can store, restore and differentiate through a state generically.
+    gradient strategy can store, restore and differentiate through a state generically. (A named
+    tuple: immutable, and built at every step at the cost of a tuple.)
     """
 
     x: Tensor
-    history: tuple[Tensor, ...] = ()
+    history: tuple = ()
 
     def tensors(self) -> tuple[Tensor, ...]:
         """``(x, *history)``: the state as a flat tuple (what gradient strategies store and differentiate)."""
@@ -73,7 +73,7 @@ class State:
 
     def with_x(self, x: Tensor) -> "State":
         """The same state with its sample replaced (history kept)."""
-        return replace(self, x=x)
+        return State(x, self.history)
 
 
 @dataclass(frozen=True)
