@@ -351,3 +351,76 @@ def test_gradient_work_precision_vs_torchdiffeq(benchmark):
     plt.close(fig)
     benchmark.extra_info.update({"evals_to_1e-3": need, "torchdiffeq_evals_to_1e-3": need_tde,
                                  "ratio": best[0] / need_tde})
+
+
+# --- Checkpoint vs Backprop per gradient, and the keep=k dial ------------------------------------------------------
+def measure_keep_curve(n=20, rounds=25, h=H):
+    """Per gradient (latent + parameters), N = n: median over round-robin rounds of each variant's process CPU
+    time / Backprop's in the same round, and the peak live tensor bytes of one forward + backward."""
+    import gc
+    import os
+    import statistics
+
+    net, den, x, w = setup(h)
+    ks = sorted({0, 1, n // 4, n // 2, n})
+    variants = {"Backprop": lambda: gradient(den, net, x, w, n, Backprop())}
+    for k in ks:
+        variants[f"Checkpoint(keep={k})"] = lambda k=k: gradient(den, net, x, w, n, Checkpoint(keep=k))
+    variants["Checkpoint(keep=1, preserve_rng_state=False)"] = lambda: gradient(
+        den, net, x, w, n, Checkpoint(preserve_rng_state=False))
+
+    def forward_nograd():  # the work Checkpoint adds to Backprop: one no-grad forward of the recomputed steps
+        with torch.no_grad():
+            return af.solve(den, x, af.timesteps(den.schedule, n), SOLVER)
+
+    variants["no-grad forward (floor - 1)"] = forward_nograd
+    peak = {}
+    for name, fn in variants.items():
+        fn()  # warm-up (plans cached)
+        with PeakMemory() as m:
+            out = fn()
+            del out
+        peak[name] = m.peak
+    times = {k: [] for k in variants}
+    load = [os.getloadavg()[0]]
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            gc.collect()
+            gc.disable()
+            try:
+                t0 = time.process_time()
+                fn()
+                times[name].append(time.process_time() - t0)
+            finally:
+                gc.enable()
+    load.append(os.getloadavg()[0])
+    ratio = {k: statistics.median(a / b for a, b in zip(v, times["Backprop"])) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return ks, ratio, med, peak, load
+
+
+def test_checkpoint_keep_curve(benchmark):
+    n = 20
+    ks, ratio, med, peak, load = measure_keep_curve(n)
+    net, den, x, w = setup()
+    benchmark.pedantic(lambda: gradient(den, net, x, w, n, Checkpoint()), rounds=3, iterations=1)
+    floor = 1 + ratio["no-grad forward (floor - 1)"] * (n - 1) / n
+    lines = [
+        f"Conv net 3-32-32-3, batch {B}x{C}x{H}x{H} float32, {type(SOLVER).__name__}(order=2), N = {n}, VPLinear "
+        "logSNR grid, gradient w.r.t. latent + all parameters, 1 thread. Process CPU time, 25 round-robin rounds, "
+        f"median of per-round ratios to Backprop. Load average before/after: {load[0]:.1f} / {load[1]:.1f}.",
+        "",
+        "| variant | median time (ms) | time / Backprop | peak MB (forward + backward) |",
+        "|---|---|---|---|",
+    ]
+    for name in ratio:
+        lines.append(f"| {name} | {med[name] * 1e3:.1f} | {ratio[name]:.3f} | {peak[name] / 1e6:.2f} |")
+    lines += ["", f"Floor of any scheme that recomputes {n - 1} of {n} steps once: 1 + (no-grad forward / Backprop) "
+              f"x {n - 1}/{n} = **{floor:.3f}**; Checkpoint() (keep=1) measured **{ratio['Checkpoint(keep=1)']:.3f}**."]
+    text = "\n".join(lines) + "\n"
+    out = Path(__file__).parent / "results" / "checkpoint_keep.md"
+    out.write_text(text)
+    print("\n" + text)
+    benchmark.extra_info.update({f"ratio_{k}": v for k, v in ratio.items()})
+    # keep=N keeps every graph: Backprop's peak memory class; keep=0 the least
+    assert peak[f"Checkpoint(keep={n})"] > peak["Checkpoint(keep=0)"]

@@ -36,10 +36,12 @@ from torch import nn
 
 import adjointflow as af
 from adjointflow import driver
+from adjointflow.integrations import diffusers_grids
 from adjointflow.solvers.deis import deis_weights
-from adjointflow.solvers.exponential import phi
+from adjointflow.solvers.exponential import multistep_orders, phi
 
-D, B, N, ROUNDS = 64, 16, 20, 15
+D, B, N = 64, 16, 20
+ROUNDS = int(os.environ.get("OVERHEAD_ROUNDS", 15))
 
 
 class MLP(nn.Module):
@@ -78,14 +80,17 @@ class Pt(NamedTuple):
 
 
 class Hand:
-    """Coefficients a hand-written loop computes before it starts (Python floats)."""
+    """What a hand-written loop computes before it starts: schedule values at the grid as Python floats, and
+    the static decisions of a multistep method (order of each step, warm-up starter), read off the grid."""
 
-    def __init__(self, den, grid, noise=None):
+    def __init__(self, den, grid, solver, noise=None):
         self.den, self.sch, self.kind, self.noise = den, den.schedule, den.prediction, noise
-        self.t = grid.tolist()
+        self.grid, self.t = grid, grid.tolist()
         self.p = self.points(grid)
         self.f, self.g2 = self.sch.f(grid).tolist(), self.sch.g2(grid).tolist()
         self.mids = {}
+        self.plan = solver.plan(self.sch, grid)
+        self.ks = multistep_orders(solver, self.plan) if hasattr(solver, "lower_order_final") else None
 
     def points(self, t):
         sch = self.sch
@@ -164,30 +169,29 @@ def singlestep2(net, c, x, x0, eps, i, form):
     return first_order(x, x0, eps, s, t, form) + (0.5 / r1 * (t.al / s.al) * s.si * math.expm1(-h)) * (out[1] - eps)
 
 
-def make_dpmpp_multistep(order):
-    def hand(net, x, c):
-        hist = []
-        for i in range(N):
-            s, t = c.p[i], c.p[i + 1]
-            x0, eps = model(net, c.kind, x, s)
-            h = t.lam - s.lam
-            if order == 3 and i == 0:
-                x = singlestep2(net, c, x, x0, eps, i, "x0")
-            elif not hist or not math.isfinite(h):
-                x = first_order(x, x0, eps, s, t, "x0")
+def hand_dpmpp_multistep(net, x, c):
+    hist = []
+    for i in range(N):
+        s, t = c.p[i], c.p[i + 1]
+        x0, eps = model(net, c.kind, x, s)
+        k, starter = c.ks[i]
+        h = t.lam - s.lam
+        if starter:
+            x = singlestep2(net, c, x, x0, eps, i, "x0")
+        elif k == 1:
+            x = first_order(x, x0, eps, s, t, "x0")
+        else:
+            r0 = (s.lam - c.p[i - 1].lam) / h
+            d1_0 = (x0 - hist[0]) / r0
+            base = first_order(x, x0, eps, s, t, "x0")
+            if k == 2:
+                x = base + (0.5 * -t.al * math.expm1(-h)) * d1_0
             else:
-                d1_0 = (x0 - hist[0]) / ((s.lam - c.p[i - 1].lam) / h)
-                base = first_order(x, x0, eps, s, t, "x0")
-                if order == 2 or len(hist) < 2:
-                    x = base + (0.5 * -t.al * math.expm1(-h)) * d1_0
-                else:
-                    r0, r1 = (s.lam - c.p[i - 1].lam) / h, (c.p[i - 1].lam - c.p[i - 2].lam) / h
-                    d2 = (d1_0 - (hist[0] - hist[1]) / r1) / (r0 + r1)
-                    x = base + (t.al * h * phi(2, -h)) * (d1_0 + r0 * d2) + (2 * t.al * h * phi(3, -h)) * d2
-            hist = [x0, *hist][: order - 1]
-        return x
-
-    return hand
+                r1 = (c.p[i - 1].lam - c.p[i - 2].lam) / h
+                d2 = (d1_0 - (hist[0] - hist[1]) / r1) / (r0 + r1)
+                x = base + (t.al * h * phi(2, -h)) * (d1_0 + r0 * d2) + (2 * t.al * h * phi(3, -h)) * d2
+        hist = [x0, *hist][:2]
+    return x
 
 
 def hand_dpmpp_2s(net, x, c):
@@ -216,31 +220,50 @@ def hand_dpmpp_3s(net, x, c):
     return x
 
 
-def make_deis(order):
+def make_deis(variant):
     def hand(net, x, c):
-        if ("deis", order) not in c.mids:  # quadrature weights of every step, computed once like the other coefficients
-            grid = torch.tensor(c.t, dtype=torch.float64)
-            ks = [1 if not math.isfinite(c.p[i + 1].lam - c.p[i].lam) else min(order, i + 1) for i in range(N)]
-            c.mids["deis", order] = ks, [deis_weights(c.sch, grid, i, k, "tAB") if k > 1 else [1.0]
-                                         for i, k in enumerate(ks)]
-        ks, w = c.mids["deis", order]
+        if "deis" not in c.mids:  # quadrature weights of every step, computed once like the other coefficients
+            c.mids["deis"] = [deis_weights(c.sch, c.grid, i, k, variant) if k > 1 and not st else [1.0]
+                              for i, (k, st) in enumerate(c.ks)]
+        w = c.mids["deis"]
         hist = []
         for i in range(N):
             s, t = c.p[i], c.p[i + 1]
             x0, eps = model(net, c.kind, x, s)
-            if order == 3 and i == 0:
+            k, starter = c.ks[i]
+            if starter:
                 x = singlestep2(net, c, x, x0, eps, i, "eps")
-            elif ks[i] == 1:
+            elif k == 1:
                 x = first_order(x, x0, eps, s, t, "eps")
             else:
                 mix = w[i][0] * eps
                 for wj, ej in zip(w[i][1:], hist):
                     mix = mix + wj * ej
                 x = (t.al / s.al) * x + ((t.al / s.al) * s.si * math.expm1(-(t.lam - s.lam))) * mix
-            hist = [eps, *hist][: order - 1]
+            hist = [eps, *hist][:2]
         return x
 
     return hand
+
+
+def hand_unipc(net, x, c):
+    """UniPC (data form, bh2) with the solver's per-step weights as Python floats (they solve a small linear
+    system per step; a hand-written loop would hard-code the same numbers)."""
+    if "unipc" not in c.mids:
+        c.mids["unipc"] = [(r.first.form, r.first.a, r.first.b, r.w, r.kc, r.c_t, r.c) for r in c.plan.rows]
+    hist = []
+    for i, (form, fa, fb, w, kc, c_t, cw) in enumerate(c.mids["unipc"]):
+        x0, eps = model(net, c.kind, x, c.p[i])
+        if kc:
+            x = x + c_t * (x0 - hist[0])
+            for cm, mm in zip(cw, hist[1:]):
+                x = x + cm * (mm - hist[0])
+        x_next = fa * x + fb * x0 if form == "x0" else fa * x0 + fb * eps
+        for wm, mm in zip(w, hist):
+            x_next = x_next + wm * (mm - x0)
+        hist = [x0, *hist][:3]
+        x = x_next
+    return x
 
 
 def hand_em(net, x, c):
@@ -251,65 +274,67 @@ def hand_em(net, x, c):
     return x
 
 
-def make_sde_dpmpp(order):
-    def hand(net, x, c):
-        prev = None
-        for i in range(N):
-            s, t = c.p[i], c.p[i + 1]
-            x0 = model(net, c.kind, x, s)[0]
-            h = t.lam - s.lam
-            e2h = -math.expm1(-2 * h)
-            x_next = (t.si / s.si * math.exp(-h)) * x + (t.al * e2h) * x0
-            if order == 2 and prev is not None and math.isfinite(h):
-                x_next = x_next + (0.5 * t.al * e2h) * ((x0 - prev) / ((s.lam - c.p[i - 1].lam) / h))
-            z = c.noise(c.t[i], c.t[i + 1]) / math.sqrt(abs(c.t[i + 1] - c.t[i]))
-            x = x_next + (t.si * math.sqrt(e2h)) * z
-            prev = x0
-        return x
-
-    return hand
+def hand_sde_dpmpp(net, x, c):
+    prev = None
+    for i in range(N):
+        s, t = c.p[i], c.p[i + 1]
+        x0 = model(net, c.kind, x, s)[0]
+        h = t.lam - s.lam
+        e2h = -math.expm1(-2 * h)
+        x_next = (t.si / s.si * math.exp(-h)) * x + (t.al * e2h) * x0
+        if c.ks[i][0] == 2:
+            x_next = x_next + (0.5 * t.al * e2h) * ((x0 - prev) / ((s.lam - c.p[i - 1].lam) / h))
+        z = c.noise(c.t[i], c.t[i + 1]) / math.sqrt(abs(c.t[i + 1] - c.t[i]))
+        x = x_next + (t.si * math.sqrt(e2h)) * z
+        prev = x0
+    return x
 
 
-#: (solver, hand-written loop, stochastic); i11's solvers add their rows here
+#: (solver, hand-written loop, stochastic); a solver added later gets a row here
 METHODS = {
     "Euler": (af.Euler(), hand_euler, False),
     "Heun": (af.Heun(), hand_heun, False),
     "DDIM": (af.DDIM(), hand_ddim, False),
-    "DEIS-1": (af.DEIS(order=1), make_deis(1), False),
-    "DEIS-2": (af.DEIS(order=2), make_deis(2), False),
-    "DEIS-3": (af.DEIS(order=3), make_deis(3), False),
-    "DPM++(2M)": (af.DPMSolverPP(order=2), make_dpmpp_multistep(2), False),
-    "DPM++(3M)": (af.DPMSolverPP(order=3), make_dpmpp_multistep(3), False),
+    **{f"DEIS-{k} {v}": (af.DEIS(order=k, variant=v), make_deis(v), False)
+       for v in ("tAB", "rhoAB", "logrho") for k in (1, 2, 3)},
+    "DPM++(2M)": (af.DPMSolverPP(order=2), hand_dpmpp_multistep, False),
+    "DPM++(3M)": (af.DPMSolverPP(order=3), hand_dpmpp_multistep, False),
     "DPM++(2S)": (af.DPMSolverPP(order=2, multistep=False), hand_dpmpp_2s, False),
     "DPM++(3S)": (af.DPMSolverPP(order=3, multistep=False), hand_dpmpp_3s, False),
+    **{f"UniPC-{k}": (af.UniPC(order=k), hand_unipc, False) for k in (1, 2, 3)},
     "Euler-Maruyama": (af.EulerMaruyama(), hand_em, True),
-    "SDE-DPM++(1)": (af.SDEDPMSolverPP(order=1), make_sde_dpmpp(1), True),
-    "SDE-DPM++(2M)": (af.SDEDPMSolverPP(order=2), make_sde_dpmpp(2), True),
+    "SDE-DPM++(1)": (af.SDEDPMSolverPP(order=1), hand_sde_dpmpp, True),
+    "SDE-DPM++(2M)": (af.SDEDPMSolverPP(order=2), hand_sde_dpmpp, True),
 }
 
 
 # --- diffusers' scheduler loops --------------------------------------------------------------------------
 def diffusers_cases(net):
-    """(name, scheduler, our solver, our denoiser, our grid): the same method on the scheduler's grid."""
+    """(name, scheduler, our solver, our denoiser, our grid): the same method (diffusers' warm-up and final-step
+    rules) on the scheduler's own grid."""
     import diffusers
 
     from adjointflow.integrations import timesteps_from_diffusers
 
+    multistep = dict(lower_order_final=True, warmup="multistep")
     cases = []
     for name, sched, solver in (
-        ("DDIM", diffusers.DDIMScheduler(), af.DDIM()),
-        ("DPM++(2M)", diffusers.DPMSolverMultistepScheduler(solver_order=2), af.DPMSolverPP(order=2)),
-        ("DPM++(3M)", diffusers.DPMSolverMultistepScheduler(solver_order=3), af.DPMSolverPP(order=3)),
-        ("DEIS-2", diffusers.DEISMultistepScheduler(solver_order=2), af.DEIS(order=2)),
-        ("DEIS-3", diffusers.DEISMultistepScheduler(solver_order=3), af.DEIS(order=3)),
+        ("DDIM", diffusers.DDIMScheduler(clip_sample=False), af.DDIM()),
+        ("DPM++(2M)", diffusers.DPMSolverMultistepScheduler(solver_order=2), af.DPMSolverPP(order=2, **multistep)),
+        ("DPM++(3M)", diffusers.DPMSolverMultistepScheduler(solver_order=3), af.DPMSolverPP(order=3, **multistep)),
+        ("DEIS-2 logrho", diffusers.DEISMultistepScheduler(solver_order=2), af.DEIS(order=2, variant="logrho", **multistep)),
+        ("DEIS-3 logrho", diffusers.DEISMultistepScheduler(solver_order=3), af.DEIS(order=3, variant="logrho", **multistep)),
+        *((f"UniPC-{k}", diffusers.UniPCMultistepScheduler(solver_order=k), af.UniPC(order=k, lower_order_final=True))
+          for k in (1, 2, 3)),
     ):
         den = af.Denoiser.from_diffusers(net, sched)
-        if name.startswith("DEIS"):  # not in timesteps_from_diffusers: its timesteps, then the table's first entry
+        if type(sched).__name__ in diffusers_grids.SUPPORTED_SCHEDULERS:
+            grid = timesteps_from_diffusers(sched, N)
+        else:  # its timesteps k mapped to t = (k + 1)/T, then its final sigma (0 for UniPC, the table's first for DEIS)
             sched.set_timesteps(N)
             n_train = den.schedule.num_train_timesteps
-            grid = torch.cat([(sched.timesteps.double() + 1) / n_train, torch.tensor([1.0 / n_train], dtype=torch.float64)])
-        else:
-            grid = timesteps_from_diffusers(sched, N)
+            last = 0.0 if name.startswith("UniPC") else 1.0 / n_train
+            grid = torch.cat([(sched.timesteps.double() + 1) / n_train, torch.tensor([last], dtype=torch.float64)])
         cases.append((name, sched, solver, den, grid))
     return cases
 
@@ -334,7 +359,7 @@ def measure(rounds=ROUNDS):
     for pname, (den, grid) in problems(net).items():
         for mname, (solver, hand, sde) in METHODS.items():
             noise = af.BrownianNoise((B, D), seed=1) if sde else None
-            c = Hand(den, grid, noise)
+            c = Hand(den, grid, solver, noise)
             fns[pname, mname, "hand"] = lambda hand=hand, c=c: hand(net, x, c)
             fns[pname, mname, "solve"] = lambda den=den, grid=grid, s=solver, nz=noise: af.solve(den, x, grid, s, noise=nz).x
 
@@ -352,12 +377,17 @@ def measure(rounds=ROUNDS):
     for name, sched, solver, den, grid in diffusers_cases(net):
         fns["vpdiscrete", name, "diffusers"] = lambda sched=sched: diffusers_loop(net, sched, x)
         fns["vpdiscrete", name, "solve@diffusers"] = lambda den=den, grid=grid, s=solver: af.solve(den, x, grid, s).x
+        with torch.no_grad():
+            a, b = fns["vpdiscrete", name, "diffusers"](), fns["vpdiscrete", name, "solve@diffusers"]()
+        checks["diffusers", name] = float((a - b).abs().max() / a.abs().max())
     fns["vpdiscrete", "model calls", "hand"] = lambda: [net(x, torch.full((B,), 500.0)) for _ in range(N)]
     times = {k: [] for k in fns}
     load = [os.getloadavg()]
     with torch.no_grad():
         for f in fns.values():
             f()
+        gc.collect()
+        gc.freeze()  # what exists now (torch, diffusers, the plans) is never garbage: later collections skip it
         for _ in range(rounds):
             for k, f in fns.items():
                 gc.collect()
@@ -369,6 +399,7 @@ def measure(rounds=ROUNDS):
                 finally:
                     gc.enable()
     load.append(os.getloadavg())
+    gc.unfreeze()
     return times, checks, load
 
 
@@ -394,15 +425,14 @@ def test_overhead_every_solver(benchmark):
         worst = max(worst, warm)
         lines.append(f"| {p} | {m} | {statistics.median(times[p, m, 'hand']) * 1e3:.2f} | {warm:.3f} | {cold:.3f} | "
                      f"{checks[p, m]:.1e} |")
-    lines += ["", "| vs diffusers (VPDiscrete, scheduler's grid) | diffusers loop (ms) | diffusers / hand | "
-              "solve / diffusers |", "|---|---|---|---|"]
+    lines += ["", "| vs diffusers (VPDiscrete, scheduler's grid) | diffusers loop (ms) | diffusers / hand loop "
+              "(vpdiscrete row) | solve / diffusers | max rel. diff. diffusers vs solve |", "|---|---|---|---|---|"]
     dworst = 0.0
     for (p, m, v) in [k for k in times if k[2] == "diffusers"]:
         r = ratio(times, (p, m, "solve@diffusers"), (p, m, "diffusers"))
         dworst = max(dworst, r)
         lines.append(f"| {m} | {statistics.median(times[p, m, 'diffusers']) * 1e3:.2f} | "
-                     f"{ratio(times, (p, m, 'diffusers'), (p, m, 'hand')) if (p, m, 'hand') in times else float('nan'):.3f} | "
-                     f"{r:.3f} |")
+                     f"{ratio(times, (p, m, 'diffusers'), (p, m, 'hand')):.3f} | {r:.3f} | {checks['diffusers', m]:.1e} |")
     mc = statistics.median(times["vpdiscrete", "model calls", "hand"]) * 1e3
     lines += ["", f"Model calls alone (20 network evaluations): {mc:.2f} ms. Worst solve/hand (plan cached): "
               f"{worst:.3f}; worst solve/diffusers: {dworst:.3f}."]
@@ -412,4 +442,7 @@ def test_overhead_every_solver(benchmark):
     out.write_text(text)
     print("\n" + text)
     benchmark.extra_info.update(worst_solve_over_hand=worst, worst_solve_over_diffusers=dworst)
-    assert all(v < 1e-3 for v in checks.values()), checks  # the hand loops are the same methods
+    # the hand loops and diffusers' loops run the same methods; diffusers' DPM-Solver++(3M) weights D2 by
+    # alpha_t (1/2 - phi_2(-h)) = alpha_t h phi_3(-h), half of the Taylor term 2 alpha_t h phi_3(-h) that ours uses
+    # (same work per step, outputs 1e-3 apart)
+    assert all(v < (1e-2 if k == ("diffusers", "DPM++(3M)") else 1e-3) for k, v in checks.items()), checks
