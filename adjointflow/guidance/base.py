@@ -205,6 +205,18 @@ class RunMonitor:
         latent = self._latent if self._latent is not None else fallback_latent.detach()
         return self._x0, latent, self._loss
 
+    def sampler_end(self, x: Tensor, x_init: Tensor, objective: Callable, t_end) -> tuple[Tensor, Tensor]:
+        """A sampler's ``(final sample, losses)``: after a stop or Ctrl-C the clean estimate of the last
+        step reached (its loss already known), otherwise ``x`` with the objective evaluated on it."""
+        losses = list(self.losses)
+        if self.interrupted or self.stopped:
+            x, _, last = self.estimate(x_init)
+        else:
+            x = x.detach()
+            with torch.no_grad():
+                last = evaluate_objective(objective, x, t_end, where="at the final sample")
+        return x, stack_losses(losses + [last])
+
     @property
     def stop_reason(self) -> str:
         return "interrupted" if self.interrupted else "callback" if self.stopped else "completed"

@@ -35,7 +35,7 @@ from ..solvers.base import Solver, State
 from ..solvers.sde import SDEDPMSolverPP
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_nonneg_float,
                    check_positive_int, check_progress, check_run_inputs, evaluate_objective, resolve_noise,
-                   sampling_grid, stack_losses)
+                   sampling_grid)
 
 __all__ = ["DPS"]
 
@@ -161,13 +161,6 @@ class DPS:
                 state = new.with_x(x_next)
                 if mon.record(i, loss, x0, t=t):
                     break
-        losses = mon.losses
-        if mon.interrupted or mon.stopped:  # the clean estimate of the last step reached
-            x_final, _, last = mon.estimate(x_init)
-            losses.append(last)
-        else:
-            x_final = state.x.detach()
-            with torch.no_grad():
-                losses.append(evaluate_objective(objective, x_final, grid[-1], where="at the final sample"))
-        return GuidanceResult(x_final, x_init.detach(), stack_losses(losses), counter.nfe, counter.vjps,
+        x_final, losses = mon.sampler_end(state.x, x_init, objective, grid[-1])
+        return GuidanceResult(x_final, x_init.detach(), losses, counter.nfe, counter.vjps,
                               timer.seconds, cond, mon.stop_reason)

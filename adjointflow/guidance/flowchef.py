@@ -27,7 +27,7 @@ from ..driver import ModelCall
 from ..errors import NonFiniteError
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_nonneg_float,
                    check_positive_int, check_progress, check_run_inputs, evaluate_objective, sampling_grid,
-                   stack_losses, step_scale)
+                   step_scale)
 
 __all__ = ["FlowChef"]
 
@@ -153,12 +153,6 @@ class FlowChef:
                                          "try a smaller lr", step=i, t=float(t))
                 if mon.record(i, loss, x0, t=t):
                     break
-        losses = mon.losses
-        if mon.interrupted or mon.stopped:
-            x, _, last = mon.estimate(x_init)
-            losses.append(last)
-        else:
-            with torch.no_grad():
-                losses.append(evaluate_objective(objective, x, grid[-1], where="at the final sample"))
-        return GuidanceResult(x, x_init.detach(), stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, cond,
+        x, losses = mon.sampler_end(x, x_init, objective, grid[-1])
+        return GuidanceResult(x, x_init.detach(), losses, counter.nfe, counter.vjps, timer.seconds, cond,
                               mon.stop_reason)

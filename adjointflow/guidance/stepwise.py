@@ -22,7 +22,7 @@ from torch import Tensor
 from ..driver import ModelCall
 from ..errors import NonFiniteError
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_positive_int,
-                   check_progress, check_run_inputs, evaluate_objective, sampling_grid, stack_losses)
+                   check_progress, check_run_inputs, evaluate_objective, sampling_grid)
 
 __all__ = ["StepwiseSampler", "Step", "check_fraction", "tweedie_variance"]
 
@@ -136,12 +136,6 @@ class StepwiseSampler:
                     loss = evaluate_objective(objective, x0.detach(), step.t, where=step.where())
                 if mon.record(i, loss, x0, t=step.t):
                     break
-        losses = mon.losses
-        if mon.interrupted or mon.stopped:  # the clean estimate of the last step reached
-            x, _, last = mon.estimate(x_init)
-            losses.append(last)
-        else:
-            with torch.no_grad():
-                losses.append(evaluate_objective(objective, x, grid[-1], where="at the final sample"))
-        return GuidanceResult(x, x_init.detach(), stack_losses(losses), counter.nfe, counter.vjps, timer.seconds, cond,
+        x, losses = mon.sampler_end(x, x_init, objective, grid[-1])
+        return GuidanceResult(x, x_init.detach(), losses, counter.nfe, counter.vjps, timer.seconds, cond,
                               mon.stop_reason)
