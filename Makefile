@@ -43,8 +43,13 @@ $(STAMP): $(SPEC) pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# DEEPINV=1 (default): `make test` also runs the deepinv equivalence tests in their own environment
+# (test-deepinv below; ~1-3 min, downloads deepinv and torchvision once); DEEPINV=0 skips them.
+DEEPINV ?= 1
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	$(if $(filter 1,$(DEEPINV)),@$(MAKE) --no-print-directory test-deepinv)
 
 demo: $(STAMP)
 	$(BIN)/python -m adjointflow demo
@@ -58,7 +63,8 @@ bench: $(STAMP)
 DEEPINV_VENV ?= .venv-deepinv
 test-deepinv:
 	test -x $(DEEPINV_VENV)/bin/python || $(PY) -m venv $(DEEPINV_VENV)
-	$(DEEPINV_VENV)/bin/python -m pip install -q "$(TORCH)"
+	@echo ">>> deepinv equivalence tests in $(DEEPINV_VENV) (DEEPINV=0 skips them)"
+	$(DEEPINV_VENV)/bin/python -m pip install -q $(TORCH_FROM) "$(TORCH)"
 	$(DEEPINV_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(DEEPINV_VENV)/constraints.txt
 	$(DEEPINV_VENV)/bin/python -m pip install -q -c $(DEEPINV_VENV)/constraints.txt -e . pytest "deepinv==0.5.0" torchvision
 	$(DEEPINV_VENV)/bin/python -m pytest -q tests/test_deepinv_operators.py
