@@ -1,10 +1,10 @@
 """Time grids for sampling: decreasing float64 tensors from ``t_start`` (noise) to ``t_end`` (data).
 
-Kinds (see ``shared/notes/samplers.md`` §7):
+Kinds:
 
 * ``"uniform"``   -- ``t_i = linspace(t_start, t_end)``
-* ``"logsnr"``    -- uniform in ``lambda = log(alpha/sigma)`` (DPM-Solver's ``skip_type='logSNR'``)
-* ``"quadratic"`` -- ``t_i = linspace(sqrt t_start, sqrt t_end)^2`` (DDIM's time-quadratic)
+* ``"logsnr"``    -- uniform in ``lambda = log(alpha/sigma)`` (DPM-Solver's ``skip_type='logSNR'``, Lu et al. 2022)
+* ``"quadratic"`` -- ``t_i = linspace(sqrt t_start, sqrt t_end)^2`` (DDIM's time-quadratic, Song et al. 2021)
 * ``"karras"``    -- ``sigma~_i = (s_max^(1/rho) + i/n (s_min^(1/rho) - s_max^(1/rho)))^rho`` in the VE noise
   level ``sigma~ = sigma/alpha`` (Karras et al. 2022, eq. 5), mapped back to ``t``.
 """
