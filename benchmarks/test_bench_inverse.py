@@ -12,6 +12,8 @@ Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest benchmarks/test_bench_invers
 * Budgets: 50 and 100 network evaluations (NFE) per image; a method runs with the largest
   configuration that fits (a VJP through the network is not counted as an NFE; the VJP column says
   which methods pay one per step). "xK" methods average K independent samples (K times the NFE).
+  "mean" methods return the clean estimate at a noise level ``stop`` instead of a sample
+  (posterior-mean output, ``adjointflow/guidance/stepwise.py``).
 * Noise draws: 3 (measurement noise, start latents and sampler noise all change); figures are the
   PSNR (dB, estimate clamped to [-1, 1]) averaged over the digits, mean +- std over the draws.
 * Classical baselines (0 NFE): harmonic fill (Laplace equation in the hole), bicubic upsampling,
@@ -210,6 +212,12 @@ def candidates(op, budget):
     if op.has_svd:
         s_max = float(op.singular_values(torch.zeros(1, 1, 16, 16)).max())
         t_star = (SIGMA_Y / s_max) / (1 + SIGMA_Y / s_max)
+        # posterior-mean output: the clean estimate at the level where the measurement is exact (stop)
+        out["DDRM mean"] = [(f"eta={e}, stop={f:g} sigma_y/s_max", DDRM(steps=budget, eta=e, stop=f * SIGMA_Y / s_max,
+                                                                         **quiet))
+                            for e, f in itertools.product((0.5, 0.85, 1.0), (1.0, 1.25))]
+        for k in (2, 4):
+            out[f"DDRM mean x{k}"] = averaged("DDRM mean", k)
         out["LanPaint"] = [(f"steps={lanpaint_steps(budget, k, t_star)}, langevin_steps={k}, step_size={ss}",
                             LanPaint(steps=lanpaint_steps(budget, k, t_star), langevin_steps=k, step_size=ss, **quiet))
                            for k, ss in itertools.product((1, 2, 4), (0.3, 0.8))]

@@ -329,3 +329,86 @@ def test_lanpaint_argument_errors():
     den, _, x = gaussian_setup()
     with pytest.raises(TypeError, match="FourierMagnitude has none"):
         LanPaint(steps=3).run(den, MeasurementLoss(FourierMagnitude(), torch.ones(3, 1, 8, 8, dtype=D), 0.1), x)
+
+
+# --- posterior-mean output (stop) ----------------------------------------------------------------
+def test_pigdm_stopped_estimate_is_the_posterior_mean_with_less_error_than_a_sample():
+    # Exact likelihood, exact posterior-marginal starts: x_t | y ~ N(alpha pm, alpha^2 pc + sigma^2 I) along the
+    # posterior PF-ODE, and the estimate at the stop level rho is E[x0 | x_t, y]. So its mean is pm and its
+    # spread Cov[E[x0 | x_t, y]] = pc - (pc^-1 + I / rho^2)^-1 (the law of total covariance): its error to
+    # the truth, tr pc + tr spread, lies between the posterior mean's (tr pc) and a sample's (2 tr pc),
+    # and falls to the posterior mean's as rho grows. First-order in the steps (covariance of the ODE).
+    data, obj, pm, pc = isotropic_problem()
+    den = data.denoiser(VP, "eps")
+    z = whiten(torch.randn(64, 4, generator=torch.Generator().manual_seed(1), dtype=D))
+    eye = torch.eye(4, dtype=D)
+    ns, errs, spread = (50, 100), {}, {}
+    for n in ns:
+        grid0 = af.timesteps(VP, n)
+        a0, s0 = VP.alpha(grid0[0]), VP.sigma(grid0[0])
+        x1 = a0 * pm + z @ torch.linalg.cholesky(a0**2 * pc + s0**2 * eye).T
+        for rho in (0.1, 0.5, 20.0):
+            res = PiGDM(steps=n, eta=0.0, data_variance=0.7, stop=rho, progress=False).run(den, obj, x1)
+            assert res.nfe == n
+            assert float((res.x.mean(0) - pm).norm()) < 1e-10
+            exact = pc - torch.linalg.inv(torch.linalg.inv(pc) + eye / rho**2)
+            errs.setdefault(rho, []).append(float((torch.cov(res.x.T) - exact).norm() / pc.norm()))
+            spread[rho] = float(torch.cov(res.x.T).trace())
+    for rho in (0.1, 0.5):  # measured at 100 steps: 0.035, 0.015
+        assert errs[rho][-1] < 0.04 and empirical_order(ns, errs[rho]) > 0.9, errs
+    assert errs[20.0][-1] < 1e-6, errs
+    # a sample's spread around pm is tr pc (its error 2 tr pc); the estimate's shrinks with the level
+    assert spread[0.1] < float(pc.trace()) and spread[0.5] < 0.75 * float(pc.trace()), spread
+    assert spread[20.0] < 0.002 * float(pc.trace()), spread
+
+
+@pytest.mark.parametrize("eta", [0.85, 1.0])
+def test_ddrm_stopped_at_the_measurement_level_returns_the_posterior_mean_of_the_measured_part(eta):
+    # Isotropic prior N(m, c I), A = s Q (orthonormal rows, equal singular values), stop = sigma_y / s:
+    # the measured entries of x_t are alpha y_bar exactly, so E[x0 | x_t] there is the exact posterior
+    # mean of every run; the unseen entries are DDRM's prior draws denoised (mean m = the posterior's),
+    # spread c^2 / (c + rho^2) < c at rho = 0.6: the error to pm about half a sample's.
+    g = torch.Generator().manual_seed(14)
+    c, s, sy = 0.7, 0.5, 0.3
+    m = torch.randn(4, generator=g, dtype=D)
+    Q = torch.linalg.qr(torch.randn(4, 2, generator=g, dtype=D))[0].T
+    y = s * Q @ (m + c**0.5 * torch.randn(4, generator=g, dtype=D)) + sy * torch.randn(2, generator=g, dtype=D)
+    data = GaussianData(m, torch.full((4,), c**0.5, dtype=D))
+    obj = MeasurementLoss(MatrixOperator(s * Q), y, sy)
+    pm, pc = (v.detach() for v in data.posterior(s * Q, y, sy))
+    den, n = data.denoiser(FLOW, "velocity"), 2000
+    x1 = torch.randn(n, 4, generator=torch.Generator().manual_seed(15), dtype=D)
+    est = DDRM(steps=60, eta=eta, stop=sy / s, seed=3).run(den, obj, x1)
+    assert est.nfe == 60 and est.vjps == 0
+    torch.testing.assert_close(est.x @ Q.T, (pm @ Q.T).expand(n, 2), rtol=0, atol=1e-6)
+    se = torch.sqrt(torch.diagonal(pc) / n)
+    assert bool(((est.x.mean(0) - pm).abs() < 4 * se).all()), (est.x.mean(0) - pm) / se
+    sample = DDRM(steps=60, eta=eta, seed=3).run(den, obj, x1).x
+    err_est, err_sample = (float(((v - pm) ** 2).sum(1).mean()) for v in (est.x, sample))
+    assert err_est < 0.7 * err_sample, (err_est, err_sample)
+
+
+def test_stop_runs_to_the_level_records_every_evaluation_and_returns_the_estimate():
+    den, obj, x = gaussian_setup()
+    seen = []
+    res = DiffPIR(steps=10, stop=0.1, callback=lambda st: seen.append((st.t, st.x0))).run(den, obj, x)
+    assert res.nfe == 10 and len(seen) == 10 and res.losses.shape == (11, 3)
+    assert abs(seen[-1][0] - FLOW.t_from_log_snr(torch.tensor(-math.log(0.1), dtype=D)).item()) < 1e-12
+    torch.testing.assert_close(res.x, seen[-1][1], rtol=0, atol=0)
+    grid = af.timesteps(FLOW, 10, t_end=0.0)
+    explicit = DDRM(grid=grid, stop=0.1).run(den, obj, x)  # grid points with rho > 0.1, then the level
+    assert explicit.nfe == int((FLOW.log_snr(grid) < -math.log(0.1)).sum()) + 1
+
+
+def test_stop_argument_errors():
+    for bad in (0.0, -1.0, math.inf, math.nan, True, "0.1"):
+        for method in (DDRM, PiGDM, DiffPIR):
+            with pytest.raises(ValueError, match="stop must be None or a noise level"):
+                method(stop=bad)
+    with pytest.raises(ValueError, match="steps must be >= 2 with stop"):
+        DDRM(steps=1, stop=0.1)
+    den, obj, x = gaussian_setup()
+    with pytest.raises(ValueError, match=r"stop=0.001 is below the noise level .* grid's last time"):
+        DDRM(grid=af.timesteps(FLOW, 10, t_end=0.2), stop=1e-3).run(den, obj, x)
+    with pytest.raises(ValueError, match=r"stop=10 is not below the noise level .* grid's first time"):
+        DDRM(grid=af.timesteps(FLOW, 10, t_start=0.5), stop=10.0).run(den, obj, x)

@@ -13,6 +13,12 @@ next noise level ``rho'``:
 then ``x_{t'} = alpha' V c'`` (written without dividing by ``s`` or ``alpha``, so tiny singular values
 and ``alpha' -> 0`` stay finite). One network evaluation per step, no VJP.
 
+``stop = rho_s`` (see :mod:`adjointflow.guidance.stepwise`) returns the network's ``E[x0 | x_t]`` at the
+level ``rho_s`` instead of a sample. At ``rho_s = sigma_y / s`` of an operator with equal singular values
+(``eta_b = 1``) the measured entries of ``x_t`` are exactly ``alpha y_bar``, the measurement at its own
+noise level, and the rest is DDRM's chain at that level, so the estimate there is the posterior mean of
+the measured entries given the chain (exactly, for Gaussian data).
+
 DDRM is not an exact posterior sampler, not even for Gaussian data: the clean estimate is the
 *unconditional* ``E[x0 | x_t]``, and ``eta > 0`` re-draws a fixed fraction of the noise every step, so
 with many steps at ``eta = 1`` the unseen coordinates drift back toward the prior.
@@ -38,6 +44,8 @@ class DDRM(StepwiseSampler):
 
     * ``steps = 20`` -- the paper's 20 steps ("DDRM-20"); ``grid`` (decreasing) overrides it.
     * ``eta = 0.85``, ``eta_b = 1.0`` -- the paper's defaults; both in ``[0, 1]``.
+    * ``stop = None`` -- a noise level ``rho = sigma / alpha`` at which to return the clean estimate
+      instead of a sample (posterior-mean output; ``sigma_y / s`` of the operator is the natural level).
     * ``seed = 0`` -- seeds the noise ``z``.
     * ``progress = None``, ``callback = None`` (see :class:`~adjointflow.guidance.base.RunMonitor`).
 
@@ -49,6 +57,7 @@ class DDRM(StepwiseSampler):
     steps: int = 20
     eta: float = 0.85
     eta_b: float = 1.0
+    stop: float | None = None
     grid: Any = None
     seed: int = 0
     progress: bool | None = None
@@ -74,8 +83,9 @@ class DDRM(StepwiseSampler):
             keep = (1.0 - self.eta**2) ** 0.5
             unseen = a * c0 + sg * (keep * e + self.eta * z)
             noisier_y = a * c0 + sg * (keep * (u - s * c0) / sy + self.eta * z)
-            # rho' >= sigma_y / s  <=>  s sigma' >= sigma_y alpha'; there s > 0 is bounded below
-            cleaner_y = s * sg >= sy * a
+            # rho' >= sigma_y / s  <=>  s sigma' >= sigma_y alpha'; there s > 0 is bounded below. The relative
+            # slack keeps a grid time put exactly on that level (stop) pinned despite rounding of t(lambda)
+            cleaner_y = s * sg * (1.0 + 1e-5) >= sy * a
             s_safe = torch.where(cleaner_y, s, torch.ones_like(s))
             var = (sg * sg - (a * self.eta_b * sy / s_safe) ** 2).clamp_min(0.0)
             pinned = a * ((1.0 - self.eta_b) * c0 + self.eta_b * u / s_safe) + var.sqrt() * z

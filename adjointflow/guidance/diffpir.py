@@ -42,6 +42,8 @@ class DiffPIR(StepwiseSampler):
       deblurring at 50 and 100 NFE alike (benchmarks/results/inverse.md). The paper uses ``lambda``
       3-25 (deepinv's default 7) and ``zeta`` 0.3 (super-resolution, deblurring) or 1 (inpainting).
     * ``data_variance = 1.0`` -- ``c`` in ``r_t^2``; ``inf`` is the paper's ``rho^2``.
+    * ``stop = None`` -- a noise level ``rho = sigma / alpha`` at which to return the data step's
+      ``x0_tilde`` instead of a sample: posterior-mean output, see :mod:`adjointflow.guidance.stepwise`.
     * ``seed = 0``; ``progress = None``, ``callback = None`` (see :class:`~adjointflow.guidance.base.RunMonitor`).
 
     The objective must be ``MeasurementLoss(op, y, sigma)`` with Gaussian noise and an operator with a
@@ -52,6 +54,7 @@ class DiffPIR(StepwiseSampler):
     lam: float = 1.0
     zeta: float = 1.0
     data_variance: float = 1.0
+    stop: float | None = None
     grid: Any = None
     seed: int = 0
     progress: bool | None = None
@@ -68,11 +71,19 @@ class DiffPIR(StepwiseSampler):
     def _prepare(self, denoiser, objective, x):
         return SpectralMeasurement.of(objective, x, "DiffPIR")
 
-    def _update(self, m: SpectralMeasurement, step: Step, x):
+    def _corrected(self, m: SpectralMeasurement, step: Step, x):
+        """``(x0_hat, x0_tilde)`` at ``(x, step.t)``: the network's estimate and the data step's (one NFE)."""
         a, sg = step.alpha, step.sigma
         with torch.no_grad():
             x0 = step.model(x, step.t).x0
             rho2 = float((sg / a) ** 2) if bool(a > 0) else math.inf
-            x0_tilde = m.prox(x0, self.lam * m.sigma**2 / tweedie_variance(rho2, self.data_variance))
-            eps_tilde = (x - a * x0_tilde) / sg
+            return x0, m.prox(x0, self.lam * m.sigma**2 / tweedie_variance(rho2, self.data_variance))
+
+    def _update(self, m: SpectralMeasurement, step: Step, x):
+        x0, x0_tilde = self._corrected(m, step, x)
+        with torch.no_grad():
+            eps_tilde = (x - step.alpha * x0_tilde) / step.sigma
             return step.renoise(x0_tilde, eps_tilde, math.sqrt(self.zeta)), x0
+
+    def _estimate(self, m: SpectralMeasurement, step: Step, x):
+        return self._corrected(m, step, x)[1]

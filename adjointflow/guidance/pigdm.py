@@ -44,6 +44,8 @@ class PiGDM(StepwiseSampler):
     * ``eta = 1.0`` -- the paper's DDIM ``eta`` (fresh-noise fraction here); ``0`` is deterministic.
     * ``scale = 1.0`` -- multiplies Bayes' weight ``sigma^2 / alpha`` of the likelihood score.
     * ``data_variance = 1.0`` -- ``c`` in ``r_t^2`` (the paper's unit variance).
+    * ``stop = None`` -- a noise level ``rho = sigma / alpha`` at which to return ``x0_tilde`` (Tweedie's
+      ``E[x0 | x_t, y]``) instead of a sample: posterior-mean output, see :mod:`adjointflow.guidance.stepwise`.
     * ``seed = 0``; ``progress = None``, ``callback = None`` (see :class:`~adjointflow.guidance.base.RunMonitor`).
 
     The objective must be ``MeasurementLoss(op, y, sigma)`` with Gaussian noise and an operator with a
@@ -54,6 +56,7 @@ class PiGDM(StepwiseSampler):
     eta: float = 1.0
     scale: float = 1.0
     data_variance: float = 1.0
+    stop: float | None = None
     grid: Any = None
     seed: int = 0
     progress: bool | None = None
@@ -70,7 +73,8 @@ class PiGDM(StepwiseSampler):
     def _prepare(self, denoiser, objective, x):
         return SpectralMeasurement.of(objective, x, "PiGDM")
 
-    def _update(self, m: SpectralMeasurement, step: Step, x):
+    def _corrected(self, m: SpectralMeasurement, step: Step, x):
+        """``(x0_hat, x0_tilde)`` at ``(x, step.t)``: one NFE, one VJP where guided."""
         a, sg = step.alpha, step.sigma
         guided = bool(a > 0) and self.scale > 0
         xg = x.detach().requires_grad_(guided)
@@ -81,6 +85,13 @@ class PiGDM(StepwiseSampler):
             r2 = tweedie_variance(float((sg / a) ** 2), self.data_variance)
             (g,) = torch.autograd.grad(x0, xg, grad_outputs=m.gain(x0_tilde, r2))
             x0_tilde = x0_tilde + self.scale * (sg * sg / a) * g
+        return x0.detach(), x0_tilde
+
+    def _update(self, m: SpectralMeasurement, step: Step, x):
+        x0, x0_tilde = self._corrected(m, step, x)
         with torch.no_grad():
-            eps_tilde = (x - a * x0_tilde) / sg
-            return step.renoise(x0_tilde, eps_tilde, self.eta), x0.detach()
+            eps_tilde = (x - step.alpha * x0_tilde) / step.sigma
+            return step.renoise(x0_tilde, eps_tilde, self.eta), x0
+
+    def _estimate(self, m: SpectralMeasurement, step: Step, x):
+        return self._corrected(m, step, x)[1]

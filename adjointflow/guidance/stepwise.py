@@ -9,6 +9,18 @@ and re-noises to the next time in DDIM form (Song, Meng, Ermon 2021, written for
 With ``eta = 0`` and ``(x0_tilde, eps_tilde) = (x0_hat, eps_hat)`` this is DDIM (= Euler on a rectified
 flow). A method subclasses :class:`StepwiseSampler` and implements ``_prepare`` (per run) and
 ``_update`` (per step); the loop owns validation, the grid, NFE/VJP counting, noise, records and errors.
+
+Posterior-mean output (``stop``): a sample ``x`` of ``p(x_0 | y)`` has twice the error of the posterior
+mean, ``E||x - x_0||^2 = 2 E||E[x_0 | y] - x_0||^2``. A method with the field ``stop = rho_s`` follows
+its chain only down to the noise level ``rho = sigma / alpha = rho_s`` and returns the method's
+data-corrected clean estimate there (``E[x_0 | x_t, y]``-style). If ``x_t`` has the posterior's
+marginal, this estimate is unbiased for ``E[x_0 | y]`` and its error is
+
+    E||x0_est - x_0||^2 = E||E[x_0 | y] - x_0||^2 + tr Cov[x0_est],   tr Cov[x0_est] <= tr Cov[x_0 | y],
+
+falling to the posterior mean's own as ``rho_s`` grows (``x_t`` then carries nothing beyond ``y``); a
+large ``rho_s`` trusts the data-corrected estimate's likelihood approximation more. The default grid
+then has ``steps`` points from the schedule's start to ``t(rho_s)``, each one NFE.
 """
 from __future__ import annotations
 
@@ -21,10 +33,11 @@ from torch import Tensor
 
 from ..driver import ModelCall
 from ..errors import NonFiniteError
+from ..grids import timesteps
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_positive_int,
                    check_progress, check_run_inputs, evaluate_objective, sampling_grid)
 
-__all__ = ["StepwiseSampler", "Step", "check_fraction", "tweedie_variance"]
+__all__ = ["StepwiseSampler", "Step", "check_fraction", "tweedie_variance", "stop_grid"]
 
 
 def check_fraction(name: str, v) -> None:
@@ -47,6 +60,26 @@ def tweedie_variance(rho2, data_variance: float):
     if rho2 == float("inf"):
         return c
     return c * rho2 / (c + rho2)
+
+
+def check_stop(v) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < math.inf)):
+        raise ValueError(f"stop must be None or a noise level rho = sigma / alpha > 0 (finite), got {v!r}")
+
+
+def stop_grid(schedule, grid: Tensor, stop: float) -> Tensor:
+    """``grid``'s points of noise level ``rho > stop``, then the time of ``rho = stop`` itself (``lambda =
+    log(alpha / sigma) = -log(stop)``), where the run evaluates its final estimate."""
+    lam_stop = -math.log(stop)
+    lam = schedule.log_snr(grid)
+    if not float(lam[0]) < lam_stop:
+        raise ValueError(f"stop={stop:g} is not below the noise level rho = {math.exp(-float(lam[0])):.6g} of the "
+                         f"grid's first time t={float(grid[0]):.6g}")
+    if not float(lam[-1]) >= lam_stop:
+        raise ValueError(f"stop={stop:g} is below the noise level rho = {math.exp(-float(lam[-1])):.6g} of the "
+                         f"grid's last time t={float(grid[-1]):.6g}")
+    t_stop = schedule.t_from_log_snr(torch.tensor(lam_stop, dtype=torch.float64)).to(grid.dtype).reshape(1)
+    return torch.cat([grid[lam < lam_stop], t_stop])
 
 
 def check_variance(v) -> None:
@@ -91,6 +124,7 @@ class StepwiseSampler:
     :class:`~adjointflow.guidance.base.RunMonitor` (stopped early, it returns the latest clean estimate)."""
 
     label: ClassVar[str] = "sampler"
+    stop = None  # methods that support posterior-mean output declare ``stop: float | None = None`` as a field
 
     def _prepare(self, denoiser, objective, x: Tensor) -> Any:
         """Per-run context (e.g. the measurement in the operator's singular basis)."""
@@ -104,11 +138,34 @@ class StepwiseSampler:
         """One step from ``x`` at ``step.t``: returns ``(x_next, x0_hat)`` (the clean estimate is recorded)."""
         raise NotImplementedError
 
+    def _estimate(self, ctx, step: Step, x: Tensor) -> Tensor:
+        """The data-corrected clean estimate at ``(x, step.t)`` returned at the ``stop`` level (one NFE);
+        by default the estimate ``_update`` records."""
+        return self._update(ctx, step, x)[1]
+
     def _check_common(self) -> None:
         check_positive_int("steps", self.steps)
         check_int("seed", self.seed)
         check_progress(self.progress)
         check_callback(self.callback)
+        check_stop(self.stop)
+        if self.stop is not None and self.grid is None and self.steps < 2:
+            raise ValueError(f"steps must be >= 2 with stop (the start and the stop level are both evaluated), "
+                             f"got {self.steps}")
+
+    def _full_grid(self, denoiser) -> Tensor:
+        """The grid to ``t = 0`` (without ``stop``), or to the ``stop`` level (the last point is evaluated)."""
+        sch = denoiser.schedule
+        if self.stop is None or self.grid is not None:
+            grid = sampling_grid(denoiser, self.steps, self.grid)
+            return grid if self.stop is None else stop_grid(sch, grid, self.stop)
+        t_stop = sch.t_from_log_snr(torch.tensor(-math.log(self.stop), dtype=torch.float64))
+        if not float(t_stop) < sch.t_start:
+            raise ValueError(f"stop={self.stop:g} is not below the noise level of the schedule's start "
+                             f"t={sch.t_start:g}")
+        grid = timesteps(sch, self.steps - 1, t_end=float(t_stop))
+        grid[-1] = t_stop  # exactly the level (the grid's own end may round)
+        return grid
 
     def run(self, denoiser, objective, x_init: Tensor, cond=None) -> GuidanceResult:
         """Sample from ``x_init`` (the state at ``grid[0]``) toward the measurement in ``objective``."""
@@ -116,18 +173,24 @@ class StepwiseSampler:
         timer, counter = Timer(), Counter()
         x = x_init.detach()
         ctx = self._prepare(denoiser, objective, x)
-        grid = self._grid(ctx, denoiser, sampling_grid(denoiser, self.steps, self.grid))
+        grid = self._grid(ctx, denoiser, self._full_grid(denoiser))
+        updates = len(grid) - 1  # then, with stop, one evaluation at grid[-1] for the estimate
         model = ModelCall(CountedDenoiser(denoiser, counter), cond)
         sch = denoiser.schedule
         alphas = sch.alpha(grid).to(dtype=x.dtype, device=x.device)
         sigmas = sch.sigma(grid).to(dtype=x.dtype, device=x.device)
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        mon = RunMonitor(self.label, len(grid) - 1, callback=self.callback, progress=self.progress)
+        total = updates + (self.stop is not None)
+        mon = RunMonitor(self.label, total, callback=self.callback, progress=self.progress)
         with mon:
-            for i in range(len(grid) - 1):
+            for i in range(total):
                 model.step = i
-                step = Step(model, i, grid[i], grid[i + 1], alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1], gen)
-                x, x0 = self._update(ctx, step, x)
+                j = min(i + 1, updates)
+                step = Step(model, i, grid[i], grid[j], alphas[i], sigmas[i], alphas[j], sigmas[j], gen)
+                if i < updates:
+                    x, x0 = self._update(ctx, step, x)
+                else:
+                    x = x0 = self._estimate(ctx, step, x)
                 x = x.detach()
                 if not bool(torch.isfinite(x).all()):
                     raise NonFiniteError(f"the {self.label} update produced NaN/Inf {step.where()}",
