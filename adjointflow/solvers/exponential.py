@@ -325,6 +325,9 @@ def multistep_orders(solver, plan: Plan) -> list[tuple[int, bool]]:
         lam = [-v for v in lam]
     n, order = plan.n, solver.order
     lof = getattr(solver, "lower_order_final", None)
+    # a solver class may move the thresholds (benchmarks/test_bench_unipc_variants.py measures other values)
+    max_ratio = getattr(solver, "max_step_ratio", MAX_STEP_RATIO)
+    max_third = getattr(solver, "max_third_order_step", MAX_THIRD_ORDER_STEP)
     out = []
     for i in range(n):
         if not (finite[i] and finite[i + 1]):
@@ -338,14 +341,14 @@ def multistep_orders(solver, plan: Plan) -> list[tuple[int, bool]]:
         if lof is True and n < getattr(solver, "lower_order_final_below", LOWER_ORDER_FINAL_STEPS):
             cap = min(cap, n - i)
         if (getattr(solver, "warmup", "multistep") == "singlestep" and usable < order - 1 and cap >= 2
-                and step_len[i] <= MAX_THIRD_ORDER_STEP):
+                and step_len[i] <= max_third):
             out.append((2, True))
             continue
         k = min(cap, usable)
         if lof is None:
-            while k > 1 and step_len[i] > MAX_STEP_RATIO * (lam[i] - lam[i - k + 1]) / (k - 1):
+            while k > 1 and step_len[i] > max_ratio * (lam[i] - lam[i - k + 1]) / (k - 1):
                 k -= 1
-            if step_len[i] > MAX_THIRD_ORDER_STEP:
+            if step_len[i] > max_third:
                 k = min(k, 2)
         out.append((k, False))
     return out
