@@ -325,7 +325,7 @@ def multistep_orders(solver, plan: Plan) -> list[tuple[int, bool]]:
         lam = [-v for v in lam]
     n, order = plan.n, solver.order
     lof = getattr(solver, "lower_order_final", None)
-    # a solver class may move the thresholds (benchmarks/test_bench_unipc_variants.py measures other values)
+    # a solver class may move the thresholds (benchmarks/test_bench_solver_variants.py measures other values)
     max_ratio = getattr(solver, "max_step_ratio", MAX_STEP_RATIO)
     max_third = getattr(solver, "max_third_order_step", MAX_THIRD_ORDER_STEP)
     out = []
