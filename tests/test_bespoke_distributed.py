@@ -73,3 +73,27 @@ def test_ground_truth_blocks_are_whole_chunks_for_every_rank():
     assert _blocks(41, 8, 3) == [(0, 16), (16, 32), (32, 41)]
     with pytest.raises(ValueError, match="fewer than the 4 ranks"):
         _blocks(20, 8, 4)
+
+
+def _digits_cli(out, *extra):
+    from adjointflow.distributed.bespoke_digits import main
+
+    args = ["--nfe", "5", "--out", str(out), "--n-train", "2", "--n-val", "2", "--iterations", "1", "--gt-chunk", "1",
+            "--gt-tol", "1e-2", "--no-progress", *extra]
+    if main(args) != 0:
+        raise SystemExit(1)
+
+
+def test_the_digits_solver_trains_on_two_ranks_and_rank_0_saves_it(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from adjointflow import pretrained
+
+    den = pretrained.digits()  # before the fork: the ranks inherit the imports (seconds each otherwise)
+    out = tmp_path / "solver.pt"
+    assert ranks.run(_digits_cli, 2, out, timeout=90) == [0, 0]
+    solver = BespokeSolver.load(out, denoiser=den)  # checked against the model it was trained for
+    assert solver.n_steps == 2 and solver.trained
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["solver.pt"]
+    from adjointflow.distributed.bespoke_digits import main
+
+    assert main(["--out", str(out)]) == 1 and "exists (pass --force" in capsys.readouterr().err

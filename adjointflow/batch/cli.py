@@ -76,7 +76,7 @@ def add_guide_parser(sub, common) -> argparse.ArgumentParser:
         help="solve an inverse problem for every item of a folder or .npz (resumable; shards over torchrun ranks)",
         description="Run one guidance method on every measurement (or image, measured with noise --sigma) of INPUTS "
         "and write OUT/items/<id>.pt, OUT/results.csv and OUT/summary.md. A rerun skips finished items. Under "
-        "`torchrun --nproc-per-node P python -m adjointflow guide ...` the items are shared among the P processes.",
+        "`torchrun --nproc-per-node P -m adjointflow guide ...` the items are shared among the P processes.",
     )
     g.add_argument("inputs", help=".npz with 'y' (measurements) and/or 'x' (ground truth), or a folder of .npy/.png")
     g.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -168,8 +168,10 @@ def guide(inputs, out, *, task, method, model: Denoiser | None = None, sample_sh
       deletes them). ``timeout_s``: how long a rank waits for the others at a barrier.
     * ``describe``: extra JSON-able fields for ``config.json`` and the summary (the CLI's arguments).
 
-    Items already finished in ``out`` are skipped. Unreadable items get an error row (the return value's
-    ``failed``), a shape that does not fit the model stops the run (``ValueError``) before any item runs.
+    Items already finished in ``out`` are skipped (by name: each result records the SHA-256 of the input
+    it was computed from, but an input replaced under the same name is not re-run; use ``force``).
+    Unreadable items get an error row (the return value's ``failed``); a shape that does not fit the
+    model stops the run (``ValueError``) before any item runs.
     """
     with process_group(device, timeout_s) as ctx:
         return _guide(ctx, inputs, out, task, method, model, sample_shape, sigma, given, seed, force, progress,
@@ -226,7 +228,7 @@ def _guide(ctx: DistContext, inputs, out, task, method, model, sample_shape, sig
     if all_problems:
         raise ValueError("inputs do not fit the model/task (nothing was run): " + "; ".join(dict.fromkeys(all_problems)))
 
-    model = model.to(ctx.device) if isinstance(model.net, torch.nn.Module) else model
+    model = model.to(ctx.device)
     rows = _run_items(ctx, source, store, mine, unreadable, task, method, model, sample_shape, sigma, seed,
                       dtype, config_sha, progress)
     ctx.barrier()
