@@ -108,11 +108,11 @@ def test_a_rank_killed_midway_then_resumed_gives_the_uninterrupted_files(digits_
     finally:
         ranks.kill(procs)  # torchrun stops the other ranks when one dies
     store = ResultStore(out)
-    assert list(store.items.glob("*.tmp")), "the killed rank left no half-written file: the kill was not mid-write"
     finished = store.finished()
     assert 1 <= len(finished) < N_ITEMS
     for i in finished:  # every visible result file is complete
         store.load(i)
+    assert list(store.items.glob("*.tmp")), "the killed rank left no half-written file: the kill was not mid-write"
     outcome = _run(digits_npz, out)  # resumed (here on one process): only the missing items run
     assert outcome.ok and outcome.totals.skipped_finished == len(finished)
     _assert_same_results(reference, out)  # same files, bit for bit, and no temporary file left
@@ -195,3 +195,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys, digits_npz):
     assert "expected one of" in capsys.readouterr().err
     assert main(base + ["--task", "nosuchmodule:f"]) == 1
     assert "cannot import 'nosuchmodule'" in capsys.readouterr().err
+
+
+def test_the_command_under_torchrun_gives_the_same_results(digits_npz, reference, tmp_path):
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "mask.npy", _mask().numpy())
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "adjointflow",
+           "guide", str(digits_npz), "--out", str(out), "--given", "images", "--task", "inpaint", "--mask",
+           str(tmp_path / "mask.npy"), "--method", "FlowChef", "--set", f"steps={STEPS}", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{N_ITEMS} of {N_ITEMS} item(s) finished" in done.stdout
+    _assert_same_results(reference, out)
