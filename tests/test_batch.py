@@ -211,3 +211,35 @@ def test_the_command_under_torchrun_gives_the_same_results(digits_npz, reference
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{N_ITEMS} of {N_ITEMS} item(s) finished" in done.stdout
     _assert_same_results(reference, out)
+
+
+def test_user_model_and_objective_and_png_images_through_the_command(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from adjointflow.demo.digits import load_digits_tensor
+
+    (tmp_path / "user_parts.py").write_text(
+        "from adjointflow import pretrained\n"
+        "from adjointflow.guidance import Downsample, MeasurementLoss\n"
+        "def factory():\n    return pretrained.digits(), (1, 16, 16)\n"
+        "def objective(y):\n    return MeasurementLoss(Downsample(2), y, 0.05)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x, _ = load_digits_tensor("test")
+    meas, pngs = tmp_path / "meas", tmp_path / "pngs"
+    meas.mkdir(), pngs.mkdir()
+    for i in range(2):
+        np.save(meas / f"m{i}.npy", Downsample(2)(x[i : i + 1])[0].numpy())
+        Image.fromarray(((x[i, 0].numpy() + 1) * 127.5).round().astype(np.uint8), "L").save(pngs / f"p{i}.png")
+    common = ["--method", "FlowChef", "--set", "steps=2", "--no-progress"]
+    assert main(["guide", str(meas), "--out", str(tmp_path / "o1"), "--task", "user_parts:objective",
+                 "--model", "user_parts:factory", *common]) == 0
+    assert main(["guide", str(pngs), "--given", "images", "--out", str(tmp_path / "o2"), "--task", "blur",
+                 "--blur-sigma", "0.8", *common]) == 0
+    rows = (tmp_path / "o2" / "results.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["p0", "ok"], ["p1", "ok"]] and all(r.split(",")[3] for r in rows)
+    blob = ResultStore(tmp_path / "o2").load("p0")
+    assert blob["y"].shape == (1, 1, 16, 16)  # simulated from the PNG through the blur
+    # a user objective cannot simulate measurements from images: refused before any work
+    assert main(["guide", str(pngs), "--given", "images", "--out", str(tmp_path / "o3"), "--task",
+                 "user_parts:objective", *common]) == 1
+    assert "a user objective needs measurements" in capsys.readouterr().err
