@@ -13,7 +13,7 @@ from .noise import BrownianNoise
 from .schedules import EDM, VE, LinearFlow, NoiseSchedule, VPCosine, VPDiscrete, VPLinear
 from .solvers import Euler, EulerMaruyama, Heun, Solver, State
 from .solvers import DDIM, DEIS, DPMSolverPP, SDEDPMSolverPP, UniPC
-from .solvers import BespokeSolver, fit_bespoke
+from .solvers import BespokeNSSolver, BespokeSolver, fit_bespoke
 from . import pretrained
 
 __version__ = "0.1.0"
@@ -25,4 +25,4 @@ __all__ = [
     "Solver", "State", "Euler", "Heun", "EulerMaruyama", "Backprop", "Checkpoint", "ContinuousAdjoint",
 ]
 __all__ += ["DDIM", "DEIS", "DPMSolverPP", "SDEDPMSolverPP", "UniPC"]
-__all__ += ["BespokeSolver", "fit_bespoke", "pretrained"]
+__all__ += ["BespokeSolver", "BespokeNSSolver", "fit_bespoke", "pretrained"]

@@ -1,7 +1,8 @@
 """Bespoke solvers trained for the bundled digits model (Shaul et al. 2024), bundled with the demo.
 
 One file per NFE budget in :data:`BUNDLED` (base and steps chosen by measurement, see
-``benchmarks/results/bespoke.md``), each carrying the model fingerprint and a checksum, so it only
+``benchmarks/results/bespoke_digits.md``: RK2 scale-time solvers at NFE 10 and 20, the non-stationary
+:class:`~adjointflow.BespokeNSSolver` started from UniPC-3 at NFE 5), each carrying the model fingerprint and a checksum, so it only
 loads, intact, for the model it was trained for. Retrain all (or one, ``--nfe 10``) with
 
     python -m adjointflow.demo.bespoke_digits
@@ -22,14 +23,24 @@ from .digits import DEFAULT_DIR
 __all__ = ["BUNDLED", "BUNDLE_DIR", "T_START", "T_END", "bundled_path", "load_bundled_bespoke", "bundled_bespoke_solvers",
            "train_bundled_bespoke"]
 
-#: NFE budget -> (base, steps) of the bundled solver
-BUNDLED = {5: ("rk2", 2), 10: ("rk2", 5), 20: ("rk2", 10)}
+#: NFE budget -> (base, steps) of the bundled solver: at NFE 5 the RK2 solver could spend only 4 and
+#: lost to UniPC-3 (held-out 0.0362 vs 0.0346); the non-stationary one spends all 5
+BUNDLED = {5: ("ns", 5), 10: ("rk2", 5), 20: ("rk2", 10)}
 T_START, T_END = 0.999, 1e-3
 #: training set-up of the bundle: latents, ground-truth tolerance, L-BFGS iterations, patience (in
 #: held-out evaluations, every 10 iterations)
 N_TRAIN, N_VAL, GT_TOL, ITERATIONS, PATIENCE = 128, 64, 1e-6, 60, 3
+#: the generic solver a non-stationary bundled solver starts from (the best one at 5 NFE on the demo
+#: table, uniform grid); see BespokeNSSolver.from_solver
+NS_START = dict(order=3, variant="bh2")
 #: where the bundled files live (next to the digits weights)
 BUNDLE_DIR = DEFAULT_DIR
+
+
+def _solver_class(base: str):
+    from ..solvers import BespokeNSSolver, BespokeSolver
+
+    return BespokeNSSolver if base == "ns" else BespokeSolver
 
 
 def _spec(nfe: int) -> tuple[str, int]:
@@ -61,12 +72,16 @@ def train_bundled_bespoke(den, nfe: int, path=None, gt=None, init=None, iteratio
                           progress: bool = True):
     """Train the bundled bespoke solver for ``nfe`` for ``den`` with :func:`~adjointflow.fit_bespoke`'s
     default recipe (final-RMSE loss, full-batch L-BFGS, best held-out iterate kept; ``init`` warm-starts
-    from a trained solver of the same base) and save it to ``path`` (default: the bundled file).
+    from a trained solver of the same base; a non-stationary (``"ns"``) solver starts from UniPC
+    (:data:`NS_START`) unless ``init`` is given) and save it to ``path`` (default: the bundled file).
     ``gt``: the ``(train, val)`` ground truth, default :func:`bundled_ground_truth`. Returns ``(solver, history)``."""
-    from ..solvers import BespokeSolver, fit_bespoke
+    from ..solvers import BespokeNSSolver, UniPC, fit_bespoke
 
     base, steps = _spec(nfe)
-    solver = BespokeSolver(steps, base=base)
+    if base == "ns" and init is None:
+        solver = BespokeNSSolver.from_solver(UniPC(**NS_START), steps, den.schedule, T_START, T_END)
+    else:
+        solver = _solver_class(base)(steps, base=base)
     gt_train, gt_val = bundled_ground_truth(den) if gt is None else gt
     hist = fit_bespoke(den, solver, gt_train, gt_val, t_start=T_START, t_end=T_END, iterations=iterations,
                        eval_every=10, patience=PATIENCE, init=init, progress=progress)
@@ -74,7 +89,9 @@ def train_bundled_bespoke(den, nfe: int, path=None, gt=None, init=None, iteratio
             "load_average": round(os.getloadavg()[0], 2), "iterations": hist.eval_iteration[-1],
             "best_iteration": hist.best_iteration, "stopped": hist.stopped, "loss_evaluations": len(hist.loss),
             "val_rmse_start": hist.val_rmse[0], "val_rmse_best": hist.best_val_rmse, "n_train": len(gt_train),
-            "n_val": len(gt_val), "warm_start_from": None if init is None else init.n_steps * init.nfe_per_step}
+            "n_val": len(gt_val), "warm_start_from": None if init is None else init.n_steps * init.nfe_per_step,
+            "start": "UniPC(" + ", ".join(f"{k}={v!r}" for k, v in NS_START.items()) + "), uniform grid"
+            if base == "ns" and init is None else None}
     solver.save(bundled_path(nfe) if path is None else path, denoiser=den, info=info)
     return solver, hist
 
@@ -82,14 +99,12 @@ def train_bundled_bespoke(den, nfe: int, path=None, gt=None, init=None, iteratio
 def load_bundled_bespoke(den, nfe: int = 10, path=None):
     """The bundled bespoke solver for ``nfe`` NFE, checked against ``den``: ``FileNotFoundError`` if the
     file is absent, ``ValueError`` (naming the file) if it is damaged or was trained for another model."""
-    from ..solvers import BespokeSolver
-
     base, steps = _spec(nfe)
     path = bundled_path(nfe) if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no bundled bespoke solver at {path}; train one with "
                                 f"`python -m adjointflow.demo.bespoke_digits --nfe {nfe}`")
-    return BespokeSolver.load(path, denoiser=den, n_steps=steps, base=base)
+    return _solver_class(base).load(path, denoiser=den, n_steps=steps, base=base)
 
 
 def bundled_bespoke_solvers(den, nfes, directory=None) -> tuple[dict, list[str]]:

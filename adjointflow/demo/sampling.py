@@ -26,7 +26,8 @@ __all__ = ["SolverSpec", "SampleRun", "discover_solvers", "dopri5_reference", "c
 #: orders tried for solver classes that take an ``order`` argument
 VARIANT_ORDERS = (2, 3)
 #: classes that need a trained or user-supplied ingredient and are not run by default
-NEEDS_TRAINING = {"BespokeSolver": "needs a solver trained for this model (see adjointflow.solvers.bespoke)"}
+NEEDS_TRAINING = {"BespokeSolver": "needs a solver trained for this model (see adjointflow.solvers.bespoke)",
+                  "BespokeNSSolver": "needs a solver trained for this model (see adjointflow.solvers.bespoke_ns)"}
 
 
 @dataclass(frozen=True)

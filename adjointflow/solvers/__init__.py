@@ -9,8 +9,9 @@ from .dpm_solver import DPMSolverPP
 from .deis import DEIS
 from .unipc import UniPC
 from .bespoke import BespokeSolver
+from .bespoke_ns import BespokeNSSolver
 from .bespoke_train import fit_bespoke
 
 __all__ = ["Solver", "State", "Euler", "Heun", "EulerMaruyama"]
 __all__ += ["ExponentialIntegrator", "DDIM", "DPMSolverPP", "DEIS", "UniPC", "SDEDPMSolverPP"]
-__all__ += ["BespokeSolver", "fit_bespoke"]
+__all__ += ["BespokeSolver", "BespokeNSSolver", "fit_bespoke"]

@@ -98,6 +98,8 @@ class BespokeSolver(nn.Module, Solver):
 
     __eq__ = object.__eq__
     __hash__ = object.__hash__
+    #: the ``base`` values a saved file may declare for this class
+    _file_bases: tuple = _BASES
 
     def __init__(self, n_steps: int, base: str = "rk1"):
         nn.Module.__init__(self)
@@ -267,6 +269,12 @@ class BespokeSolver(nn.Module, Solver):
         inputs = tuple(p + v + w for p, v, w in zip(adj.inputs, vin_m, vin_i))
         return AdjointState(new_a, inputs, adj.history)
 
+    def rollout(self, model, x: Tensor, c: dict) -> Tensor:
+        """The whole solve from ``x`` with coefficients ``c`` (training; ``model`` a ``ModelCall``)."""
+        for i in range(self.n_steps):
+            x = self.advance(model, x, i, c)
+        return x
+
     def lipschitz(self, c: dict, lip_u: float = 1.0) -> Tensor:
         """Per-step Lipschitz bounds ``L_i`` of the step map in ``x`` given ``Lip(u) <= lip_u``
         (the paper's RMSE bound): RK1 ``L_i = s_i/s_{i+1} (1 + h Lbar_i)``, RK2
@@ -352,7 +360,7 @@ class BespokeSolver(nn.Module, Solver):
             lo, hi = nfe - nfe % per, nfe - nfe % per + per
             near = f"nfe={hi}" if lo < per else f"nfe={lo} or nfe={hi}"
             raise ValueError(f"NFE {nfe} is not achievable with base={base!r} ({per} evaluations per step): use "
-                             f"{near}, or base='rk1' for any NFE")
+                             f"{near}, or base='rk1' or BespokeNSSolver for any NFE")
         return cls(nfe // per, base)
 
     # --- warm start ----------------------------------------------------------------------------
@@ -445,6 +453,9 @@ class BespokeSolver(nn.Module, Solver):
         was trained for a different model (fingerprint) or another ``n_steps``/``base`` than asked;
         ``FileNotFoundError`` if there is no file."""
         blob = _read_blob(path)
+        if blob["base"] not in cls._file_bases:
+            other = "BespokeNSSolver" if blob["base"] == "ns" else "BespokeSolver"
+            raise ValueError(f"{path} holds a base={blob['base']!r} solver: load it with {other}.load")
         if n_steps is not None and n_steps != blob["n_steps"]:
             raise ValueError(
                 f"{path} holds a BespokeSolver trained for n_steps={blob['n_steps']}, but n_steps={n_steps} was "
@@ -497,6 +508,6 @@ def _read_blob(path) -> dict:
     meta = {k: blob.get(k) for k in ("format", "version", "n_steps", "base", "model_fingerprint", "info")}
     if digest(meta, tensors) != blob["sha256"]:
         raise ValueError(f"{path} fails its checksum: the file was altered or damaged after it was saved")
-    if blob["n_steps"] < 1 or blob["base"] not in _BASES:
+    if blob["n_steps"] < 1 or blob["base"] not in _BASES + ("ns",):
         raise ValueError(f"{path} declares an invalid BespokeSolver(n_steps={blob['n_steps']!r}, base={blob['base']!r})")
     return blob

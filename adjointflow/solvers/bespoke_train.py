@@ -219,9 +219,7 @@ def bespoke_loss(solver: BespokeSolver, denoiser, gt: GroundTruth, idx: Tensor |
     c = solver.coefficients(gt.t_start, gt.t_end)
     n = solver.n_steps
     if loss == "rmse":
-        x = gt.x_start if idx is None else gt.x_start[idx]
-        for i in range(n):
-            x = solver.advance(model, x, i, c)
+        x = solver.rollout(model, gt.x_start if idx is None else gt.x_start[idx], c)
         target = gt.x_end if idx is None else gt.x_end[idx]
         return _sample_rms(x - target).mean()
     xa = [_aux(gt, c["t"][j], idx, model) for j in range(n + 1)]
@@ -347,6 +345,10 @@ def fit_bespoke(
         raise TypeError(f"solver must be a BespokeSolver, got {type(solver).__name__}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "bound" and solver.base == "ns":
+        raise ValueError("loss='bound' needs a one-step (scale-time) BespokeSolver: its steps are independent given "
+                         "the ground truth; a BespokeNSSolver step reads every earlier evaluation, train it with "
+                         "loss='rmse'")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     for name, v in (("iterations", iterations), ("batch_size", batch_size), ("eval_every", eval_every),
