@@ -202,18 +202,19 @@ def test_ground_truth_interpolation_and_straight_through_derivative(small_gt):
 def test_loss_gradient_matches_finite_differences(small_gt, base, loss):
     """Autograd (straight-through for the learned times) == central differences of the loss, where
     the perturbed times read the dense ground truth: every parameter, both losses, both bases."""
-    den, s = den_mix(), perturbed(4, base, seed=2, scale=0.1)
-    value = bespoke_loss(s, den, small_gt, loss=loss)
-    value.backward()
-    h = 1e-6
+    assert_loss_gradient_is_central_difference(perturbed(4, base, seed=2, scale=0.1), den_mix(), small_gt, loss)
+
+
+def assert_loss_gradient_is_central_difference(s, den, gt, loss, h=1e-6):
+    bespoke_loss(s, den, gt, loss=loss).backward()
     for name, p in s.named_parameters():
         fd = torch.zeros_like(p)
         for k in range(p.numel()):
             with torch.no_grad():
                 p.view(-1)[k] += h
-                lp = bespoke_loss(s, den, small_gt, loss=loss)
+                lp = bespoke_loss(s, den, gt, loss=loss)
                 p.view(-1)[k] -= 2 * h
-                lm = bespoke_loss(s, den, small_gt, loss=loss)
+                lm = bespoke_loss(s, den, gt, loss=loss)
                 p.view(-1)[k] += h
             fd.view(-1)[k] = (lp - lm) / (2 * h)
         assert torch.allclose(p.grad, fd, rtol=1e-5, atol=1e-7), (name, p.grad, fd)
@@ -1006,19 +1007,7 @@ def test_ns_loss_gradient_matches_finite_differences(small_gt):
     with torch.no_grad():
         for p in s.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=F64))
-    bespoke_loss(s, den, small_gt, loss="rmse").backward()
-    h = 1e-6
-    for name, p in s.named_parameters():
-        fd = torch.zeros_like(p)
-        for k in range(p.numel()):
-            with torch.no_grad():
-                p.view(-1)[k] += h
-                lp = bespoke_loss(s, den, small_gt, loss="rmse")
-                p.view(-1)[k] -= 2 * h
-                lm = bespoke_loss(s, den, small_gt, loss="rmse")
-                p.view(-1)[k] += h
-            fd.view(-1)[k] = (lp - lm) / (2 * h)
-        assert torch.allclose(p.grad, fd, rtol=1e-5, atol=1e-7), (name, p.grad, fd)
+    assert_loss_gradient_is_central_difference(s, den, small_gt, "rmse")
     assert float(s.beta.grad.triu(1).abs().max()) == 0.0  # the unused upper triangle gets no gradient
 
 
