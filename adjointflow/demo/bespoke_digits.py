@@ -1,8 +1,9 @@
 """Bespoke solvers trained for the bundled digits model (Shaul et al. 2024), bundled with the demo.
 
 One file per NFE budget in :data:`BUNDLED` (base and steps chosen by measurement, see
-``benchmarks/results/bespoke_digits.md``: RK2 scale-time solvers at NFE 10 and 20, the non-stationary
-:class:`~adjointflow.BespokeNSSolver` started from UniPC-3 at NFE 5), each carrying the model fingerprint and a checksum, so it only
+``benchmarks/test_bench_bespoke.py -k digits``: RK2 scale-time solvers at NFE 10 and 20, the
+non-stationary :class:`~adjointflow.BespokeNSSolver` started from UniPC-3 at NFE 5), each carrying the
+model fingerprint and a checksum, so it only
 loads, intact, for the model it was trained for. Retrain all (or one, ``--nfe 10``) with
 
     python -m adjointflow.demo.bespoke_digits
