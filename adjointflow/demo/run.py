@@ -198,7 +198,7 @@ def _run_demo(out_dir, quick, weights, progress, config) -> DemoResult:
 
     bespoke, bespoke_notes = bundled_bespoke_solvers(den, cfg.nfes)
     specs += [SolverSpec("BespokeSolver (trained per NFE)", s, grid=s.timesteps()) for s in bespoke.values()]
-    notes = [n for n in notes if not n.startswith("BespokeSolver")] + bespoke_notes
+    notes = [n for n in notes if not n.startswith(("BespokeSolver", "BespokeNSSolver"))] + bespoke_notes
     say(f"(a) sampling with {len(specs)} solvers at NFE {list(cfg.nfes)} ({cfg.n_samples} samples, labels 0-9)")
     t0 = time.perf_counter()
     runs, refs, fail = compare_solvers(den, x1, labels, specs, cfg.nfes, t_start=cfg.t_start, t_end=cfg.t_end,
