@@ -974,6 +974,14 @@ def test_ns_refusals(tmp_path, mix_data):
                         (BespokeSolver(5, "rk1"), "deterministic generic Solver")):
         with pytest.raises(ValueError, match=msg):
             af.BespokeNSSolver.from_solver(solver, 5, den.schedule, T0, T1)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="nfe must be a positive int"):
+            af.BespokeNSSolver.for_nfe(bad)
+    assert af.BespokeNSSolver.for_nfe(5).n_steps == 5  # any NFE, odd ones too
+    with pytest.raises(ValueError, match="BespokeNSSolver has base='ns'"):
+        af.BespokeNSSolver(3, base="rk2")
+    with pytest.raises(ValueError, match="NFE 5 is not achievable with base='rk2'.*or BespokeNSSolver"):
+        BespokeSolver.for_nfe(5, "rk2")
     ns = af.BespokeNSSolver.from_solver(af.UniPC(order=2), 3, den.schedule, T0, T1)
     with pytest.raises(ValueError, match="loss='bound' needs a one-step"):
         fit_bespoke(den, af.BespokeNSSolver(3), tr, va, loss="bound", iterations=1, progress=False)
