@@ -21,8 +21,8 @@ import torch
 
 from .digits import DEFAULT_DIR
 
-__all__ = ["BUNDLED", "BUNDLE_DIR", "T_START", "T_END", "bundled_path", "load_bundled_bespoke", "bundled_bespoke_solvers",
-           "train_bundled_bespoke"]
+__all__ = ["BUNDLED", "BUNDLE_DIR", "T_START", "T_END", "bundled_path", "start_solver", "load_bundled_bespoke",
+           "bundled_bespoke_solvers", "train_bundled_bespoke"]
 
 #: NFE budget -> (base, steps) of the bundled solver: at NFE 5 the RK2 solver could spend only 4 and
 #: lost to UniPC-3 (held-out 0.0362 vs 0.0346); the non-stationary one spends all 5
@@ -69,6 +69,18 @@ def bundled_ground_truth(den, n_train: int = N_TRAIN, n_val: int = N_VAL, tol: f
                  for x, y in (_latents(n_train, seed + 100), _latents(n_val, seed + 200)))
 
 
+def start_solver(den, nfe: int, warm: bool = False):
+    """The untrained solver the bundle's recipe starts from at ``nfe``: a fresh scale-time solver (the
+    identity), or for base ``"ns"`` the non-stationary form of UniPC (:data:`NS_START`) on ``den``'s
+    schedule and the demo's interval; with ``warm`` (an ``init`` follows) the identity in both cases."""
+    from ..solvers import UniPC
+
+    base, steps = _spec(nfe)
+    if base == "ns" and not warm:
+        return _solver_class(base).from_solver(UniPC(**NS_START), steps, den.schedule, T_START, T_END)
+    return _solver_class(base)(steps, base=base)
+
+
 def train_bundled_bespoke(den, nfe: int, path=None, gt=None, init=None, iterations: int = ITERATIONS,
                           progress: bool = True):
     """Train the bundled bespoke solver for ``nfe`` for ``den`` with :func:`~adjointflow.fit_bespoke`'s
@@ -76,13 +88,10 @@ def train_bundled_bespoke(den, nfe: int, path=None, gt=None, init=None, iteratio
     from a trained solver of the same base; a non-stationary (``"ns"``) solver starts from UniPC
     (:data:`NS_START`) unless ``init`` is given) and save it to ``path`` (default: the bundled file).
     ``gt``: the ``(train, val)`` ground truth, default :func:`bundled_ground_truth`. Returns ``(solver, history)``."""
-    from ..solvers import BespokeNSSolver, UniPC, fit_bespoke
+    from ..solvers import fit_bespoke
 
     base, steps = _spec(nfe)
-    if base == "ns" and init is None:
-        solver = BespokeNSSolver.from_solver(UniPC(**NS_START), steps, den.schedule, T_START, T_END)
-    else:
-        solver = _solver_class(base)(steps, base=base)
+    solver = start_solver(den, nfe, warm=init is not None)
     gt_train, gt_val = bundled_ground_truth(den) if gt is None else gt
     hist = fit_bespoke(den, solver, gt_train, gt_val, t_start=T_START, t_end=T_END, iterations=iterations,
                        eval_every=10, patience=PATIENCE, init=init, progress=progress)

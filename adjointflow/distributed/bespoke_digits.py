@@ -4,7 +4,8 @@
     torchrun --standalone --nproc-per-node 2 -m adjointflow.distributed.bespoke_digits --nfe 10 --out solver.pt
 
 Each rank solves the ground truth of its block of the latents; rank 0 writes ``--out`` atomically (an
-existing file only with ``--force``). Load it with ``BespokeSolver.load(path, denoiser=pretrained.digits())``.
+existing file only with ``--force``). Load it with ``BespokeSolver.load(path, denoiser=pretrained.digits())``
+(``BespokeNSSolver.load`` for ``--nfe 5``).
 """
 from __future__ import annotations
 
@@ -46,7 +47,6 @@ def main(argv=None) -> int:
     if not 0 < args.gt_tol < 1:
         ap.error(f"--gt-tol must be in (0, 1), got {args.gt_tol}")
     from .. import pretrained
-    from ..solvers import BespokeSolver
     from .bespoke import fit_bespoke_distributed
 
     torch.set_num_threads(1)
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         den = den.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     base, steps = B.BUNDLED[args.nfe]
-    solver = BespokeSolver(steps, base=base)
+    solver = B.start_solver(den, args.nfe)
     (x_tr, y_tr), (x_val, y_val) = B._latents(args.n_train, 100), B._latents(args.n_val, 200)
     start = time.perf_counter()
     hist = fit_bespoke_distributed(den, solver, x_tr, x_val, cond_train=y_tr, cond_val=y_val, t_start=B.T_START,
