@@ -258,58 +258,60 @@ def _objective(task, y: Tensor, sigma: float):
 
 def _run_items(ctx, source, store, mine, unreadable, task, method, model, sample_shape, sigma, seed, dtype,
                config_sha, progress) -> list[ItemRow]:
-    from ..demo.report import psnr
     from tqdm.auto import tqdm
 
     rows = []
-    dev = ctx.device
     bar = tqdm(total=len(mine), desc=f"guide rank {ctx.rank}/{ctx.world_size}", position=ctx.local_rank,
                disable=not progress, dynamic_ncols=True, leave=ctx.rank == 0)
     try:
         for item_id in mine:
             if item_id in unreadable:
                 rows.append(ItemRow(item_id, "error", rank=ctx.rank, error=unreadable[item_id]))
-                bar.update(1)
-                continue
-            s = item_seed(seed, item_id)
-            try:
-                data: ItemData = source.load(item_id)
-            except (OSError, ValueError) as exc:
-                rows.append(ItemRow(item_id, "error", rank=ctx.rank, error=f"unreadable: {exc}"))
-                bar.update(1)
-                continue
-            try:
-                truth = None if data.truth is None else data.truth.to(dev, dtype).unsqueeze(0)
-                if data.y is None:  # simulate the measurement from the ground truth, noise seeded by the item
-                    with torch.no_grad():
-                        ax = task(truth)
-                    g = torch.Generator().manual_seed(s ^ 1)
-                    y = ax + sigma * torch.randn(ax.shape, generator=g, dtype=ax.dtype).to(dev)
-                else:
-                    y = data.y.to(dev, dtype).unsqueeze(0)
-                objective = _objective(task, y, sigma)
-                g = torch.Generator().manual_seed(s)
-                x_init = torch.randn((1, *sample_shape), generator=g, dtype=dtype).to(dev)
-                with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                    torch.manual_seed(s)
-                    res = method.run(model, objective, x_init)
-            except Exception as exc:  # one item's failure must not lose the others' work
-                rows.append(ItemRow(item_id, "error", rank=ctx.rank, error=f"{type(exc).__name__}: {exc}"))
-                bar.update(1)
-                continue
-            loss = float(res.losses[-1].double().mean())
-            value = psnr(res.x, truth) if truth is not None else math.nan
-            store.save(item_id, {"config_sha256": config_sha, "input_sha256": _input_digest(data),
-                                 "x": res.x.detach().cpu(), "y": y.cpu(),
-                                 "latent": res.latent.detach().cpu(), "loss": loss, "psnr": value,
-                                 "nfe": int(res.nfe), "vjps": int(res.vjps), "seconds": float(res.seconds),
-                                 "stop_reason": str(res.stop_reason), "seed": s})
-            rows.append(ItemRow(item_id, "ok", loss, value, int(res.nfe), int(res.vjps), float(res.seconds),
-                                str(res.stop_reason), ctx.rank))
+            else:
+                rows.append(_run_item(ctx, source, store, item_id, task, method, model, sample_shape, sigma,
+                                      item_seed(seed, item_id), dtype, config_sha))
             bar.update(1)
     finally:
         bar.close()
     return rows
+
+
+def _run_item(ctx, source, store, item_id, task, method, model, sample_shape, sigma, s, dtype,
+              config_sha) -> ItemRow:
+    """Run and save one item (seeded by ``s``); a failure is its error row, never an exception."""
+    from ..demo.report import psnr
+
+    dev = ctx.device
+    try:
+        data: ItemData = source.load(item_id)
+    except (OSError, ValueError) as exc:
+        return ItemRow(item_id, "error", rank=ctx.rank, error=f"unreadable: {exc}")
+    try:
+        truth = None if data.truth is None else data.truth.to(dev, dtype).unsqueeze(0)
+        if data.y is None:  # simulate the measurement from the ground truth, noise seeded by the item
+            with torch.no_grad():
+                ax = task(truth)
+            g = torch.Generator().manual_seed(s ^ 1)
+            y = ax + sigma * torch.randn(ax.shape, generator=g, dtype=ax.dtype).to(dev)
+        else:
+            y = data.y.to(dev, dtype).unsqueeze(0)
+        objective = _objective(task, y, sigma)
+        g = torch.Generator().manual_seed(s)
+        x_init = torch.randn((1, *sample_shape), generator=g, dtype=dtype).to(dev)
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(s)
+            res = method.run(model, objective, x_init)
+    except Exception as exc:  # one item's failure must not lose the others' work
+        return ItemRow(item_id, "error", rank=ctx.rank, error=f"{type(exc).__name__}: {exc}")
+    loss = float(res.losses[-1].double().mean())
+    value = psnr(res.x, truth) if truth is not None else math.nan
+    store.save(item_id, {"config_sha256": config_sha, "input_sha256": _input_digest(data),
+                         "x": res.x.detach().cpu(), "y": y.cpu(),
+                         "latent": res.latent.detach().cpu(), "loss": loss, "psnr": value,
+                         "nfe": int(res.nfe), "vjps": int(res.vjps), "seconds": float(res.seconds),
+                         "stop_reason": str(res.stop_reason), "seed": s})
+    return ItemRow(item_id, "ok", loss, value, int(res.nfe), int(res.vjps), float(res.seconds),
+                   str(res.stop_reason), ctx.rank)
 
 
 def _final_rows(store: ResultStore, source: ItemSource, ran: list[ItemRow]) -> list[ItemRow]:
