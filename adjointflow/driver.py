@@ -46,8 +46,8 @@ class ModelCall:
 
     ``t`` is an :class:`~adjointflow.models.EvalPoint` of the solve's plan (precomputed network time and
     conversions: no schedule work, no host sync) or a time tensor (learned solvers, guidance). Each call
-    appends a NaN/Inf witness of the output to ``record.calls`` (:class:`~adjointflow.finite.FiniteRecord`;
-    checked after the loop, so a bad output is named with its step and time); ``nfe`` counts the calls.
+    is recorded in ``record`` (:class:`~adjointflow.finite.FiniteRecord`: NaN/Inf checks, checked after the
+    loop so a bad output is named with its step and time); ``nfe`` counts the calls.
     """
 
     def __init__(self, denoiser: Denoiser, cond=None, check_finite=True):
@@ -141,7 +141,7 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
                     if not isinstance(out, Tensor) or out.shape != new.x.shape:
                         raise ValueError("a solve callback must return None or a tensor shaped like x")
                     new = new.with_x(out)
-            record.end_step(i, times[i + 1], new.x)
+            record.end_step(i, times[i + 1], new.x, start=times[i])
             state = new
             if trajectory is not None:
                 trajectory.append(state.x)
@@ -151,6 +151,18 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
         if bar is not None:
             bar.close()
     return state
+
+
+def rerun_checked(problem: Problem) -> None:
+    """Run ``problem`` again without a graph, checking every step (``check_finite="step"``): it raises
+    :class:`~adjointflow.errors.NonFiniteError` at the first bad step, naming it, its time and whether the
+    model or the update went bad. The deferred check (:mod:`adjointflow.finite`) calls it only after the
+    final state came out NaN/Inf; it costs at most the steps up to the bad one (eager, same noise and
+    callback)."""
+    model = ModelCall(problem.denoiser, problem.cond, "step")
+    with torch.no_grad():
+        state = problem.solver.init(model, problem.x.detach(), problem.grid)
+        integrate(problem, model, state, step=problem.solver.step)
 
 
 def check_sample(x, name: str = "x") -> None:
@@ -238,10 +250,11 @@ def solve(
 
     Everything that depends only on the schedule and the grid is planned once, in float64, before the
     loop (:class:`~adjointflow.plan.Plan`); the loop makes no host-device synchronisation. NaN/Inf in the
-    model's outputs and in the updates are recorded on the device and checked once after the loop:
-    :class:`~adjointflow.errors.NonFiniteError` names the first bad step, its time and whether the model
-    or the update went bad. ``check_finite="step"`` checks after every step instead (debugging; one sync
-    per step), ``False`` turns the check off. ``compile=True`` runs each step through ``torch.compile``
+    final state (which a bad model output or update reaches in its own step and keeps) are checked once
+    after the loop; only if it is bad is the solve run again checking every step, so that
+    :class:`~adjointflow.errors.NonFiniteError` names the first bad step, its time and whether the model or
+    the update went bad (:mod:`adjointflow.finite`). ``check_finite="step"`` checks after every step as the
+    solve runs (debugging; one sync per step), ``False`` turns the check off. ``compile=True`` runs each step through ``torch.compile``
     (``fullgraph=True``; the rows are tensors, so one compiled step serves the whole grid; a string picks
     the backend, e.g. ``"aot_eager"``); where torch.compile cannot run it raises, never falls back.
 

@@ -19,8 +19,8 @@ Timing: process CPU time (the machine is shared; CPU time is what the loop itsel
 round-robin in one process, ``ROUNDS`` rounds, medians of the per-round ratios; the load average is
 recorded. ``solve`` runs warm (its plan cached, as in any repeated sampling, like the hand loop's
 precomputed coefficients), cold (plan caches cleared before every call) and with ``check_finite=False``
-(the hand loops check nothing; the default deferred NaN/Inf check costs one reduction per model call and
-per step, see ``adjointflow/finite.py``). diffusers' loops call ``set_timesteps`` and ``step`` as its
+(the hand loops check nothing; the default NaN/Inf check costs one reduction of the final state per solve,
+see ``adjointflow/finite.py``). diffusers' loops call ``set_timesteps`` and ``step`` as its
 pipelines do; ours run the same method on the scheduler's grid (diffusers' warm-up and final-step rules).
 ``OVERHEAD_ROUNDS`` overrides the number of rounds.
 """

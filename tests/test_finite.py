@@ -7,6 +7,7 @@ import torch
 import adjointflow as af
 from adjointflow import Denoiser, NonFiniteError, VPLinear, solve, timesteps
 from adjointflow.adjoint import Backprop, Checkpoint, ContinuousAdjoint
+from solver_list import ALL_SOLVERS
 
 
 class NaNBelow(torch.nn.Module):
@@ -42,7 +43,78 @@ def test_model_nan_is_named_after_the_loop(gradient):
     with pytest.raises(NonFiniteError, match=r"model returned NaN/Inf at step 6 \(t=0\.43\)") as e:
         solve(den, x, grid10(), af.Euler(), gradient=gradient)
     assert e.value.step == 6 and abs(e.value.t - 0.43) < 1e-12
-    assert net.calls == 10  # deferred: the loop ran to the end, the check came once after it
+    # deferred: the loop ran to the end and its final state was checked once; only because it was bad, a
+    # rerun checking every step stopped at the bad evaluation (steps 0..6)
+    assert net.calls == 10 + 7
+
+
+@pytest.mark.parametrize("gradient", [Backprop(), Checkpoint(), ContinuousAdjoint()], ids=repr)
+def test_step_mode_names_the_model(gradient):
+    net = NaNBelow(0.5)
+    den = Denoiser(net, VPLinear(), "eps")
+    x = torch.zeros(2, 3, requires_grad=True)
+    with pytest.raises(NonFiniteError, match=r"model returned NaN/Inf at step 6 \(t=0\.43\)") as e:
+        solve(den, x, grid10(), af.Euler(), gradient=gradient, check_finite="step")
+    assert e.value.step == 6 and abs(e.value.t - 0.43) < 1e-12
+    assert net.calls == 7
+
+
+@pytest.mark.parametrize("sid,factory", [(s[0], s[1]) for s in ALL_SOLVERS], ids=[s[0] for s in ALL_SOLVERS])
+@pytest.mark.parametrize("t_bad", [0.5, 0.6])
+def test_final_state_witnesses_every_step(sid, factory, t_bad):
+    # what the deferred check rests on: a bad evaluation reaches the state of its own step and every later
+    # state, for every solver (t_bad = 0.5 / 0.6 hit Heun's and the singlestep solvers' inner evaluations
+    # differently); the deferred error then names the same step as the per-step check
+    den = Denoiser(NaNBelow(t_bad), VPLinear(), "eps")
+    sol = solve(den, torch.zeros(2, 3), grid10(), factory(), check_finite=False, save_trajectory=True)
+    bad = [not bool(torch.isfinite(s).all()) for s in sol.trajectory[1:]]
+    first = bad.index(True)
+    assert all(bad[first:])
+    errors = {}
+    for check in (True, "step"):
+        with pytest.raises(NonFiniteError, match="model returned") as e:
+            solve(den, torch.zeros(2, 3), grid10(), factory(), check_finite=check)
+        errors[check] = (e.value.step, e.value.t)
+    assert errors[True] == errors["step"] and errors[True][0] == first
+
+
+class NaNOnce(torch.nn.Module):
+    """NaN from its first call below ``t_bad`` on, in the first solve only (not deterministic)."""
+
+    def __init__(self, t_bad):
+        super().__init__()
+        self.t_bad, self.solves = t_bad, 0
+
+    def forward(self, x, t):
+        if float(t[0]) >= 0.99:
+            self.solves += 1
+        bad = self.solves == 1 and float(t[0]) < self.t_bad
+        return torch.zeros_like(x) + (float("nan") if bad else 0.0)
+
+
+def test_nondeterministic_nan_is_reported_not_hidden():
+    den = Denoiser(NaNOnce(0.5), VPLinear(), "eps")
+    with pytest.raises(NonFiniteError, match=r"NaN/Inf in the state after step 9 .*rerun checking every step stayed "
+                       r"finite, so the model or the callback is not deterministic") as e:
+        solve(den, torch.zeros(2, 3), grid10(), af.Euler())
+    assert e.value.step == 9
+
+
+def test_record_without_locate():
+    from adjointflow.finite import FiniteRecord
+
+    rec = FiniteRecord(True)
+    rec.model(torch.ones(3), 0.9)
+    rec.end_step(0, 0.5, torch.ones(3), start=0.9)
+    rec.model(torch.full((3,), math.nan), 0.5)  # an evaluation after the last step: witnessed by the check
+    with pytest.raises(NonFiniteError, match=r"model returned NaN/Inf \(t=0\.5\)"):
+        rec.check()
+    rec = FiniteRecord(True)
+    rec.model(torch.ones(3), 0.9)
+    rec.end_step(0, 0.5, torch.full((3,), math.inf), start=0.9)
+    with pytest.raises(NonFiniteError, match=r"NaN/Inf in the state after step 0 \(ending at t=0\.5\); "
+                       r"check_finite='step' checks every step"):
+        rec.check()
 
 
 def test_step_mode_raises_before_later_steps_run():

@@ -135,7 +135,7 @@ class AdjointModel:
         self.sde, self.form, self.order = bool(sde), form, order
         self.nfe = 0
         self.nvjp = 0
-        self.record = FiniteRecord(check_finite)
+        self.record = FiniteRecord(check_finite, every_step=True)  # outputs feed VJPs only: witness each
         self.cache: dict = {}
         self.grid = None
 

@@ -33,13 +33,13 @@ class Backprop(GradientStrategy):
     number of steps (one network graph per NFE)."""
 
     def run(self, problem):
-        from ..driver import Solution, integrate
+        from ..driver import Solution, integrate, rerun_checked
 
         model = problem.model()
         state = problem.solver.init(model, problem.x, problem.grid)
         traj = [problem.x] if problem.save_trajectory else None
         state = integrate(problem, model, state, trajectory=traj)
-        model.record.check()
+        model.record.check(locate=lambda: rerun_checked(problem))
         return Solution(state.x, torch.stack(traj) if traj is not None else None, model.nfe, problem.grid)
 
 
@@ -98,7 +98,7 @@ class Checkpoint(GradientStrategy):
             raise ValueError(f"preserve_rng_state must be a bool, got {self.preserve_rng_state!r}")
 
     def run(self, problem):
-        from ..driver import Solution, integrate
+        from ..driver import Solution, integrate, rerun_checked
 
         model = problem.model()
         state = problem.solver.init(model, problem.x, problem.grid)
@@ -108,7 +108,7 @@ class Checkpoint(GradientStrategy):
         state = integrate(problem, model, state, 0, split, trajectory=traj,
                           step=_checkpointed(problem.step(), self.preserve_rng_state))
         state = integrate(problem, model, state, split, n, trajectory=traj)
-        model.record.check()
+        model.record.check(locate=lambda: rerun_checked(problem))
         return Solution(state.x, torch.stack(traj) if traj is not None else None, model.nfe, problem.grid)
 
 
@@ -127,7 +127,7 @@ def record_states(problem) -> tuple[list[Tensor], int]:
 
     A callback that *replaces* the state cannot be differentiated by a continuous adjoint: refused.
     """
-    from ..driver import integrate
+    from ..driver import integrate, rerun_checked
 
     cb = problem.callback
     if cb is not None:
@@ -141,7 +141,7 @@ def record_states(problem) -> tuple[list[Tensor], int]:
         state = problem.solver.init(model, problem.x.detach(), problem.grid)
         xs = [state.x]
         integrate(problem, model, state, trajectory=xs)
-    model.record.check()
+    model.record.check(locate=lambda: rerun_checked(problem))
     return xs, model.nfe
 
 
