@@ -147,7 +147,8 @@ class FiniteRecord:
         span = f"t={t:.6g}" if start is None else f"ending at t={t:.6g}"
         raise NonFiniteError(
             f"NaN/Inf in the state after step {i} ({span}); "
-            + ("a rerun checking every step stayed finite, so the model or the callback is not deterministic; "
+            + ("a rerun checking every step (eager) stayed finite, so the model or the callback is not deterministic "
+               "(or the compiled step computed differently); "
                if locate is not None else "")
             + "check_finite='step' checks every step as the solve runs", step=i, t=t)
 
