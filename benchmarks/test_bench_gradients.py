@@ -420,10 +420,10 @@ def test_checkpoint_keep_curve(benchmark):
     ]
     for name in ratio:
         lines.append(f"| {name} | {med[name] * 1e3:.1f} | {ratio[name]:.3f} | {peak[name] / 1e6:.2f} |")
-    lines += ["", f"Recomputing {n - 1} of {n} steps once costs at least 1 + (their forward / Backprop): **{floor:.3f}** "
-              f"with the forward recording its graph, as any recomputation must to regenerate autograd's saved tensors "
-              f"(torch.utils.checkpoint does the same), {ideal:.3f} with a no-grad forward. Checkpoint() (keep=1) "
-              f"measured **{ratio['Checkpoint(keep=1)']:.3f}**."]
+    lines += ["", f"Checkpoint adds its first forward of the {n - 1} re-run steps to Backprop's work: "
+              f"1 + (that forward / Backprop) = **{floor:.3f}** when the forward records its graph (as Checkpoint's "
+              f"does, so that gradients reach tensors captured by closure, like non-reentrant torch.utils.checkpoint), "
+              f"{ideal:.3f} if it ran without one. Checkpoint() (keep=1) measured **{ratio['Checkpoint(keep=1)']:.3f}**."]
     text = "\n".join(lines) + "\n"
     out = Path(__file__).parent / "results" / "checkpoint_keep.md"
     out.write_text(text)
