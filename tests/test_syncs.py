@@ -11,6 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import adjointflow as af
 from adjointflow.adjoint import Backprop, Checkpoint, ContinuousAdjoint
+from adjointflow.solvers import BespokeSolver
+from adjointflow.solvers.bespoke_ns import BespokeNSSolver
 
 from solver_list import ALL_SOLVERS
 
@@ -70,3 +72,25 @@ def test_sync_count_from_a_singular_end(name, factory):
     den = af.Denoiser(Net(), af.LinearFlow(), "velocity")
     counts = [count(den, factory(), Backprop(), n, kind="uniform", t_start=1.0) for n in (10, 40)]
     assert counts[0] == counts[1], counts
+
+
+BESPOKE = {"bespoke_rk1": lambda n: BespokeSolver(n, "rk1"), "bespoke_rk2": lambda n: BespokeSolver(n, "rk2"),
+           "bespoke_ns": lambda n: BespokeNSSolver(n)}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda s: repr(s))
+@pytest.mark.parametrize("name", list(BESPOKE))
+def test_sync_count_bespoke(name, strategy):
+    # learned solvers step with tensor coefficients (their parameters): none is read on the host per step
+    if name == "bespoke_ns" and isinstance(strategy, ContinuousAdjoint):
+        pytest.skip("BespokeNSSolver has no continuous adjoint (refused with a clear error, tests/test_bespoke.py)")
+    den = af.Denoiser(Net(), af.LinearFlow(), "velocity")
+    counts = []
+    for n in (10, 40):
+        solver = BESPOKE[name](n)
+        x = torch.randn(2, 8, requires_grad=True)
+        with Syncs() as c:
+            af.solve(den, x, solver.timesteps(1.0, 1e-3), solver, gradient=strategy).x.square().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        counts.append(c.n)
+    assert counts[0] == counts[1], f"{name} with {strategy!r}: {counts[0]} syncs at N=10, {counts[1]} at N=40"
