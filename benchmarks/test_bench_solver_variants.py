@@ -25,17 +25,30 @@ of UniPC-3 is exactly the sum over steps of each step's local error carried to t
 ``sum_i Phi(t_{i+1} -> t_N)[x_{i+1} - Phi(t_i -> t_{i+1}) x_i]`` (``x_i`` the corrected states); the table lists
 each term's RMS and its projection on the total.
 
-``test_flow_grids``: the flows' default grid (uniform in t from 1 to 1e-3) against a grid denser at the data end
-(``"quadratic"``) and one uniform in log-SNR after a first step ``1 -> 1 - 1/N`` (log-SNR is -inf at t = 1), for
-DDIM and the multistep defaults: is the uniform-t grid the cause of order 3 losing to order 2 on flows?
+``test_flow_grids``: is the flows' default grid (uniform in t from 1 to 1e-3) the cause of order 3 losing to order 2
+on flows, and does another grid fix it without losing elsewhere? Candidates, all from t = 1 to t_end = 1e-3:
+
+* ``quadratic``: ``t_i = (1 - i/N (1 - sqrt t_end))^2`` (DDIM's time-quadratic); ``power 1.5`` the same with the
+  exponent 1.5 (between uniform and quadratic);
+* ``shift s``: the SD3-style time shift ``t = s u / (1 + (s - 1) u)`` of a grid uniform in ``u`` (from 1 to the
+  ``u`` that maps to t_end), with ``s < 1`` (denser at the data end). In log-SNR it is the constant shift
+  ``lambda(t) = lambda(u) - log s``;
+* ``t + c log t``: uniform in ``v = t + c log t`` -- uniform in t where ``t >> c`` and in ``log t`` (~ log-SNR,
+  steps of bounded h) where ``t << c``;
+* ``1 -> 1 - 1/N, then log-SNR`` / ``then Karras rho = 7``: one step off the singular end (log-SNR is -inf at
+  t = 1), then ``timesteps(..., "logsnr")`` or ``"karras"`` (rho = 7 in sigma/alpha).
+
+For each: the three checks of ``tests/test_no_cliffs.py`` on the 8-D Gaussian flow (every family, nothing
+excused), DDIM and the best multistep solver at N = 5, 10, 20, 50 against the default grid, and the full tables.
 """
+import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from adjointflow import DDIM, DPMSolverPP, LinearFlow, UniPC, solve, timesteps
+from adjointflow import DDIM, DEIS, DPMSolverPP, LinearFlow, UniPC, solve, timesteps
 from adjointflow.solvers.exponential import Steps, first_order_coefficients, moment_weights, multistep_orders
 from adjointflow.solvers.base import axpy
 from adjointflow.solvers.unipc import UniPCRow, _g
@@ -160,18 +173,88 @@ def test_unipc_variants(benchmark):
 
 
 FLOW_NS = [5, 8, 10, 15, 20, 30, 40, 50, 70, 100]
+SUMMARY_NS = [5, 10, 20, 50]
 FLOW_SOLVERS = [("DDIM", DDIM()), ("DPM++(2M)", DPMSolverPP(order=2)), ("DPM++(3M)", DPMSolverPP(order=3)),
                 ("UniPC-2", UniPC(order=2)), ("UniPC-3", UniPC(order=3))]
+#: the families and step counts of tests/test_no_cliffs.py
+CLIFF_NS = list(range(5, 21)) + [25, 30, 40, 50, 70, 100]
+CLIFF_FAMILIES = {"DPMSolverPP": (DPMSolverPP(order=2), DPMSolverPP(order=3)), "DEIS": (DEIS(order=2), DEIS(order=3)),
+                  "DEIS-logrho": (DEIS(order=2, variant="logrho"), DEIS(order=3, variant="logrho")),
+                  "UniPC": (UniPC(order=2), UniPC(order=3))}
 
 
 def flow_grids(schedule):
-    def hybrid(n):  # log-SNR is -inf at t = 1: one step 1 -> 1 - 1/N, then uniform in log-SNR
-        rest = timesteps(schedule, n - 1, "logsnr", t_start=1 - 1 / n, t_end=schedule.t_end)
-        return torch.cat([rest.new_ones(1), rest])
+    """(label, grid_fn) for LinearFlow, each from t = 1 to the schedule's t_end (1e-3); the formulas are in the
+    module docstring."""
+    t0, t1 = 1.0, schedule.t_end
+
+    def then(kind, **kw):  # log-SNR is -inf at t = 1: one step 1 -> 1 - 1/N, then the grid kind
+        def grid(n):
+            rest = timesteps(schedule, n - 1, kind, t_start=1 - 1 / n, t_end=t1, **kw)
+            return torch.cat([rest.new_ones(1), rest])
+        return grid
+
+    def power(kappa):
+        def grid(n):
+            g = torch.linspace(t0 ** (1 / kappa), t1 ** (1 / kappa), n + 1, dtype=torch.float64) ** kappa
+            g[0], g[-1] = t0, t1
+            return g
+        return grid
+
+    def shift(s):
+        def grid(n):
+            u = torch.linspace(t0, t1 / (s - (s - 1) * t1), n + 1, dtype=torch.float64)  # u_end maps to t1
+            g = s * u / (1 + (s - 1) * u)
+            g[0], g[-1] = t0, t1
+            return g
+        return grid
+
+    def t_log(c):
+        def grid(n):  # uniform in v = t + c log t; Newton from above (v is increasing and concave in t)
+            v = torch.linspace(t0 + c * math.log(t0), t1 + c * math.log(t1), n + 1, dtype=torch.float64)
+            g = torch.ones_like(v)
+            for _ in range(60):
+                g = (g - (g + c * torch.log(g) - v) / (1 + c / g)).clamp(min=t1 / 2)
+            g[0], g[-1] = t0, t1
+            return g
+        return grid
 
     return [("uniform t (default)", lambda n: timesteps(schedule, n)),
             ("quadratic", lambda n: timesteps(schedule, n, "quadratic")),
-            ("1 -> 1 - 1/N, then log-SNR", hybrid)]
+            ("power 1.5", power(1.5)),
+            ("shift s = 0.5", shift(0.5)),
+            ("shift s = 0.3", shift(0.3)),
+            ("t + 0.03 log t", t_log(0.03)),
+            ("1 -> 1 - 1/N, then log-SNR", then("logsnr")),
+            ("1 -> 1 - 1/N, then Karras rho = 7", then("karras"))]
+
+
+def no_cliff_failures(den, data, sch, x, grid):
+    """The checks of tests/test_no_cliffs.py on ``grid``: {check: [(solver, N, ratio)]} with nothing excused."""
+    def err(solver, n):
+        g = grid(n)
+        sol = solve(den, x, g, solver)
+        return sol.nfe, rms(sol.x, data.flow_map(sch, x, g[0], g[-1]))
+
+    ddim = dict(err(DDIM(), m) for m in sorted(set(CLIFF_NS) | {n + 1 for n in CLIFF_NS}))
+    out = {"mono": [], "ddim": [], "order": []}
+    curves = {}
+    for fam, pair in CLIFF_FAMILIES.items():
+        for k, solver in zip((2, 3), pair):
+            curves[fam, k] = rows = [err(solver, n) for n in CLIFF_NS]
+            out["mono"] += [(f"{fam}-{k}", n, e1 / e0) for n, (_, e0), (_, e1) in zip(CLIFF_NS[1:], rows, rows[1:])
+                            if e1 > 1.1 * e0]
+            out["ddim"] += [(f"{fam}-{k}", n, e / ddim[nfe]) for n, (nfe, e) in zip(CLIFF_NS, rows) if e > ddim[nfe]]
+        out["order"] += [(fam, n, e3 / e2) for n, (_, e2), (_, e3) in zip(CLIFF_NS, curves[fam, 2], curves[fam, 3])
+                         if n >= 8 and e3 > e2]
+    return out
+
+
+def fmt_failures(fails):
+    if not fails:
+        return "none"
+    worst = max(fails, key=lambda f: f[2])
+    return f"{len(fails)} (worst {worst[0]} N = {worst[1]}: {worst[2]:.2f})"
 
 
 def test_flow_grids(benchmark):
@@ -180,28 +263,54 @@ def test_flow_grids(benchmark):
              "--benchmark-only -o testpaths=benchmarks -s -k flow` (grids: the module docstring). RMS error;",
              "`3>2`: N >= 8 where order 3 is worse than order 2 of the same family.",
              f"CPU, one thread, load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())}.", ""]
-    flow_problems = [(p, den, x, ref, None) for p, sch, data, den, x, _ in cliff_problems() if isinstance(sch, LinearFlow)
-                     for ref in [lambda g, sch=sch, data=data, x=x: data.flow_map(sch, x, g[0], g[-1])]]
+    cliff = [(p, sch, data, den, x) for p, sch, data, den, x, _ in cliff_problems() if isinstance(sch, LinearFlow)]
+    flow_problems = [(p, den, x, lambda g, sch=sch, data=data, x=x: data.flow_map(sch, x, g[0], g[-1]), None)
+                     for p, sch, data, den, x in cliff]
     for pname, den, x, grid in mixture_problems():
         if isinstance(den.schedule, LinearFlow):
             g = grid(1)
             flow_problems.append((pname, den, x, (lambda _g, r=reference(den, x, float(g[0]), float(g[-1]))[0]: r), None))
     dden, dx, dcond, dref, _ = digits_problem()
     flow_problems.append(("digits", dden, dx, lambda _g: dref, dcond))
+    summary = {}  # (problem, grid) -> (DDIM errors, (best multistep solver, error)) at SUMMARY_NS
+    tables = []
     with torch.no_grad():
+        p, sch, data, den, x = cliff[0]
+        cliff_lines = [f"## No-cliff checks of `tests/test_no_cliffs.py` on {p}, every grid", "",
+                       "N = 5..20, 25, 30, 40, 50, 70, 100; DPM-Solver++ 2M/3M, DEIS-2/3 (tAB and logrho), UniPC-2/3 with "
+                       "their defaults; failures (count, worst ratio), nothing excused.", "",
+                       "| grid | e(N) > 1.1 e(N-) | worse than DDIM at the same NFE | order 3 worse than 2 (N >= 8) |",
+                       "|---|---|---|---|"]
+        for gname, grid in flow_grids(sch):
+            f = no_cliff_failures(den, data, sch, x, grid)
+            cliff_lines.append(f"| {gname} | {fmt_failures(f['mono'])} | {fmt_failures(f['ddim'])} | "
+                               f"{fmt_failures(f['order'])} |")
         for pname, den, x, ref, cond in flow_problems:
-            lines += [f"## {pname}", "", "| grid | solver | " + " | ".join(f"N = {n}" for n in FLOW_NS) + " | 3>2 |",
-                      "|---|---" + "|---" * (len(FLOW_NS) + 1) + "|"]
+            tables += [f"## {pname}", "", "| grid | solver | " + " | ".join(f"N = {n}" for n in FLOW_NS) + " | 3>2 |",
+                       "|---|---" + "|---" * (len(FLOW_NS) + 1) + "|"]
             for gname, grid in flow_grids(den.schedule):
                 errs = {s: [rms(solve(den, x, grid(n), solver, cond=cond).x, ref(grid(n))) for n in FLOW_NS]
                         for s, solver in FLOW_SOLVERS}
+                cols = [FLOW_NS.index(n) for n in SUMMARY_NS]
+                summary[pname, gname] = ([errs["DDIM"][j] for j in cols],
+                                         [min((es[j], s) for s, es in errs.items() if s != "DDIM") for j in cols])
                 for s, es in errs.items():
                     worse = ""
                     if s.endswith("3") or s.endswith("3M)"):
                         two = errs[s.replace("3", "2")]
                         worse = ", ".join(f"{n} ({a / b:.2f})" for n, a, b in zip(FLOW_NS, es, two) if n >= 8 and a > b)
-                    lines.append(f"| {gname} | {s} | " + " | ".join(f"{e:.2e}" for e in es) + f" | {worse or '-'} |")
-            lines.append("")
+                    tables.append(f"| {gname} | {s} | " + " | ".join(f"{e:.2e}" for e in es) + f" | {worse or '-'} |")
+            tables.append("")
+    lines += cliff_lines + ["", "## Summary: DDIM and the best multistep solver (2M, 3M, UniPC-2/3) per N", "",
+                            "N is the step count (3M spends N + 1 NFE: its warm-up). Ratio to the default grid in brackets (> 1: worse).", "",
+                            "| problem | grid | " + " | ".join(f"DDIM N = {n}" for n in SUMMARY_NS) + " | "
+                            + " | ".join(f"best N = {n}" for n in SUMMARY_NS) + " |",
+                            "|---|---" + "|---" * (2 * len(SUMMARY_NS)) + "|"]
+    for (pname, gname), (dd, best) in summary.items():
+        d0, b0 = summary[pname, "uniform t (default)"]
+        lines.append(f"| {pname} | {gname} | " + " | ".join(f"{e:.2e} ({e / e0:.2f})" for e, e0 in zip(dd, d0)) + " | "
+                     + " | ".join(f"{e:.2e} {s} ({e / e0[0]:.2f})" for (e, s), e0 in zip(best, b0)) + " |")
+    lines += [""] + tables
     (RESULTS / "flow_grids.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -26,7 +26,8 @@ identical in diffusers' schedulers (``tests/test_unipc.py`` shows they compute t
   opposite sign (e.g. UniPC-2 at 50 steps: 1.5e-3 before the last step, 6.8e-4 after; UniPC-3: 1.2e-3 and
   2.1e-3); measured ratios up to 1.27 (DPM-Solver++) and 3.4 (UniPC, from 40 steps on). DEIS-tAB interpolates
   in t, where that step is short, and is not affected. The cause is the grid (log-SNR steps growing towards the
-  data end); the grids that avoid it lose at N <= 10 and for DDIM (``benchmarks/results/flow_grids.md``), and
+  data end), but none of the seven other flow grids measured (power, SD3 shift, t + c log t, log-SNR/Karras after
+  1 -> 1 - 1/N) removes the inversion, and all of them make DDIM worse (``benchmarks/results/flow_grids.md``), and
   higher orders on the last steps lose more than they gain (``benchmarks/results/unipc_variants.md``). On VP, 3M at 10 steps
   (h = 0.97, third order) is 7 % worse than 2M, whose midpoint form is at its cancellation there.
 """
