@@ -227,9 +227,11 @@ _CACHE_SIZE = 128  # plans per process and bound plans per denoiser (a few kB ea
 
 def _state_key(obj):
     """``(type, every instance attribute)`` of an immutable object, or ``None`` if it cannot serve as a key
-    (unhashable attributes, or a module: a learned solver's rows change as it trains)."""
+    (unhashable attributes, or a module: a learned solver's rows change as it trains, unless it gives a
+    ``plan_key()`` of its current values)."""
     if isinstance(obj, torch.nn.Module):
-        return None
+        plan_key = getattr(obj, "plan_key", None)
+        return plan_key() if plan_key is not None else None
     key = (type(obj), tuple(sorted(vars(obj).items())))
     try:
         hash(key)

@@ -16,6 +16,7 @@ from torchdiffeq import odeint
 import adjointflow as af
 from adjointflow.solvers import BespokeSolver, Solver, State, fit_bespoke
 from adjointflow.solvers.bespoke import model_fingerprint
+from adjointflow.solvers.bespoke_ns import BespokeNSSolver
 from adjointflow.solvers.bespoke_train import GroundTruth, bespoke_loss, ground_truth, rmse
 from adjointflow.testing import GaussianData, GaussianMixture, empirical_order
 
@@ -81,6 +82,72 @@ class TensorTimeEuler(Solver):
     def step(self, model, state, c, noise=None):
         t, t_next = c
         return State(torch.add(state.x, model(state.x, t).velocity, alpha=float(t_next - t)))
+
+
+# --- frozen rows (sampling without gradients to the solver) ------------------------------------------
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("sch, pred", [(af.LinearFlow(), "velocity"), (af.VPLinear(), "eps")])
+def test_frozen_identity_is_the_library_euler_bit_for_bit(dtype, sch, pred):
+    # without gradients the rows are planned floats and evaluation points, as af.Euler's are
+    den = MIX.denoiser(sch, pred)
+    s = BespokeSolver(8, "rk1")
+    x = randn(64, 2, dtype=dtype)
+    grid = s.timesteps(sch.t_start, sch.t_end)
+    with torch.no_grad():
+        a, e = af.solve(den, x, grid, s), af.solve(den, x, grid, af.Euler())
+    assert s.frozen() is False  # outside no_grad its parameters want gradients
+    assert torch.equal(a.x, e.x) and a.nfe == e.nfe == 8
+
+
+def ns_perturbed(n, seed=1, scale=0.05):
+    s = BespokeNSSolver(n)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=F64))
+    return s
+
+
+@pytest.mark.parametrize("make", [lambda: perturbed(6, "rk1"), lambda: perturbed(6, "rk2"), lambda: ns_perturbed(6)],
+                         ids=["rk1", "rk2", "ns"])
+@pytest.mark.parametrize("sch, pred", [(af.LinearFlow(), "velocity"), (af.VPLinear(), "eps")])
+def test_frozen_rows_equal_the_differentiable_rows(make, sch, pred):
+    den = MIX.denoiser(sch, pred)
+    s = make()
+    x = randn(64, 2)
+    grid = s.timesteps(sch.t_start, sch.t_end)
+    ref = af.solve(den, x, grid, s)  # gradients enabled: per-step tensor coefficients
+    assert ref.x.requires_grad
+    with torch.no_grad():
+        fast = af.solve(den, x, grid, s)
+    s.requires_grad_(False)  # frozen with gradients enabled too: Backprop to x only
+    xl = x.clone().requires_grad_(True)
+    frozen = af.solve(den, xl, grid, s)
+    (g_frozen,) = torch.autograd.grad(frozen.x.sum(), xl)
+    s.requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(af.solve(den, xr, grid, s).x.sum(), xr)
+    scale = ref.x.abs().max()
+    assert (fast.x - ref.x).abs().max() <= 1e-13 * scale and fast.nfe == ref.nfe
+    assert (frozen.x - ref.x).abs().max() <= 1e-13 * scale
+    assert (g_frozen - g_ref).abs().max() <= 1e-12 * g_ref.abs().max()
+
+
+@pytest.mark.parametrize("make", [lambda: perturbed(5, "rk2"), lambda: ns_perturbed(5)], ids=["rk2", "ns"])
+def test_frozen_plan_follows_parameter_updates(make):
+    # frozen plans are cached by the parameters' values: an in-place update (an optimiser step) is seen
+    den, x = den_mix(), randn(32, 2)
+    s = make()
+    grid = s.timesteps(T0, T1)
+    with torch.no_grad():
+        before = af.solve(den, x, grid, s).x
+        for name, p in s.named_parameters():
+            if name != "theta_t":  # the grid's interior follows theta_t
+                p.mul_(1.1)
+        after = af.solve(den, x, grid, s).x
+    ref = af.solve(den, x, grid, s).x.detach()  # differentiable rows, never cached
+    assert not torch.equal(before, after)
+    assert (after - ref).abs().max() <= 1e-13 * ref.abs().max()
 
 
 # --- protocol -------------------------------------------------------------------------------------

@@ -41,14 +41,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..fingerprint import describe_error, digest, model_fingerprint, save_atomic
-from .base import Solver, State
+from ..plan import At
+from .base import Solver, State, axpy, lin
 
 __all__ = ["BespokeSolver", "model_fingerprint"]
 
@@ -65,6 +66,30 @@ def _add_scaled(y: Tensor, b: Tensor, u: Tensor) -> Tensor:
     kernel Euler and Heun use, so the identity transform reproduces them bit for bit
     (``tests/test_bespoke.py``), and the step makes no host sync (``tests/test_syncs.py``)."""
     return torch.addcmul(y, u, b.to(dtype=y.dtype, device=y.device))
+
+
+class FrozenRK1(NamedTuple):
+    """A frozen RK1 step (:meth:`BespokeSolver.advance`): ``x_{i+1} = a x_i + b u(x_i, t_i)``,
+    ``a = (s_i + h sdot_i)/s_{i+1}``, ``b = h tdot_i s_i/s_{i+1}``; ``s`` evaluates at ``t_i``."""
+
+    s: At
+    a: float
+    b: float
+
+
+class FrozenRK2(NamedTuple):
+    """A frozen RK2 step: ``z = cz x_i + bz u(x_i, t_i)``, ``x_{i+1} = cx x_i + cm z + bm u(z/sm, t_m)`` with
+    ``cz = s_i + h sdot_i/2``, ``bz = h tdot_i s_i/2``, ``cx = s_i/s_{i+1}``, ``cm = h sdot_m/(s_m s_{i+1})``,
+    ``bm = h tdot_m s_m/s_{i+1}``; ``s`` and ``m`` evaluate at ``t_i`` and ``t_m``."""
+
+    s: At
+    m: At
+    cz: float
+    bz: float
+    sm: float
+    cx: float
+    cm: float
+    bm: float
 
 
 class BespokeSolver(nn.Module, Solver):
@@ -137,20 +162,58 @@ class BespokeSolver(nn.Module, Solver):
         self._check_grid(grid)
         return State(x)
 
+    def frozen(self) -> bool:
+        """Whether a solve run now can treat the coefficients as constants: no parameter needs a gradient
+        (``torch.no_grad()``, or ``requires_grad_(False)``). Then :meth:`rows` are plain floats and
+        planned evaluation points, cast once per solve and cached with the plan (:meth:`plan_key`);
+        otherwise they are the differentiable float64 coefficients, read step by step."""
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def plan_key(self):
+        """Cache key of a frozen solver's plan (its class, size and every parameter value), else ``None``."""
+        if not self.frozen():
+            return None
+        values = torch.cat([t.detach().reshape(-1) for t in (*self.parameters(), self.interval)])
+        return (type(self).__name__, self.n_steps, self.base, values.cpu().numpy().tobytes())
+
     def rows(self, plan) -> list:
-        """Per-step rows ``(i, coefficients)``: the transform's coefficients on the grid, computed once per solve."""
-        # Forward values are the grid's own times (equal to the learned ones, checked), gradients
-        # reach the learned times: t = grid + (t_learned - sg(t_learned)).
+        """One row per step: frozen (see :meth:`frozen`), the step's coefficients as floats
+        (:class:`FrozenRK1`, :class:`FrozenRK2`); else ``(i, coefficients)`` with the transform's
+        differentiable coefficients on the grid, computed once per solve."""
         grid = plan.grid
         learned = self._times(grid[0], grid[-1])
         self._check_grid(grid, learned)
+        if self.frozen():
+            with torch.no_grad():
+                return self._frozen_rows(plan, self.coefficients(grid[0], grid[-1], times=grid.to(learned)))
+        # Forward values are the grid's own times (equal to the learned ones, checked), gradients
+        # reach the learned times: t = grid + (t_learned - sg(t_learned)).
         c = self.coefficients(grid[0], grid[-1], times=grid.to(learned) + (learned - learned.detach()))
         return [(i, c) for i in range(self.n_steps)]
 
+    def _frozen_rows(self, plan, c: dict) -> list:
+        s, hsd, dt = c["s"], c["hsdot"], c["dt"]
+        ds = s[:-1] / s[1:]
+        if self.base == "rk1":
+            a, b = ((s[:-1] + hsd) / s[1:]).tolist(), (dt * ds).tolist()
+            return [FrozenRK1(plan.at(i), a[i], b[i]) for i in range(self.n_steps)]
+        sm = c["s_mid"]
+        _, mids = plan.stage(c["t_mid"].cpu())
+        cols = [(s[:-1] + 0.5 * hsd), 0.5 * dt * s[:-1], sm, ds, c["hsdot_mid"] / (sm * s[1:]), c["dt_mid"] * sm / s[1:]]
+        cols = torch.stack(cols).tolist()
+        return [FrozenRK2(plan.at(i), mids[i], *(col[i] for col in cols)) for i in range(self.n_steps)]
+
     def step(self, model, state: State, c, noise=None) -> State:
         """One RK1/RK2 step of the scale-time transformed ODE from node ``i`` to ``i + 1`` (see :meth:`advance`)."""
+        x = state.x
+        if type(c) is FrozenRK1:
+            return State(axpy(c.a * x, c.b, model(x, c.s).velocity))
+        if type(c) is FrozenRK2:
+            z = axpy(c.cz * x, c.bz, model(x, c.s).velocity)
+            u_m = model(z / c.sm, c.m).velocity
+            return State(axpy(lin(c.cx, x, c.cm, z), c.bm, u_m))
         i, coefficients = c
-        return State(self.advance(model, state.x, i, coefficients))
+        return State(self.advance(model, x, i, coefficients))
 
     # --- the transform -----------------------------------------------------------------------
     def _phi(self) -> Tensor:

@@ -23,13 +23,24 @@ one interval and one NFE.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-from .base import Solver, State
+from ..plan import At
+from .base import Solver, State, axpy
 from .bespoke import BespokeSolver
 
-__all__ = ["BespokeNSSolver"]
+__all__ = ["BespokeNSSolver", "FrozenNS"]
+
+
+class FrozenNS(NamedTuple):
+    """A frozen step ``k``: ``p_{k+1} = a x_0 + sum_{j <= k} b_j u_j`` with ``u_k`` evaluated at ``s``."""
+
+    s: At
+    a: float
+    b: tuple
 
 
 class BespokeNSSolver(BespokeSolver):
@@ -85,10 +96,20 @@ class BespokeNSSolver(BespokeSolver):
         t = self._times(t_start, t_end) if times is None else times
         return {"t": t, "a": self.alpha, "b": self.beta * self.mask * ((t[-1] - t[0]) / self.n_steps)}
 
+    def _frozen_rows(self, plan, c: dict) -> list:
+        a, b = c["a"].tolist(), c["b"].tolist()
+        return [FrozenNS(plan.at(k), a[k], tuple(b[k][: k + 1])) for k in range(self.n_steps)]
+
     def step(self, model, state: State, c, noise=None) -> State:
         """Evaluate ``u_k`` at ``p_k`` and form ``p_{k+1}``; the history is ``(x_0, u_0, ..., u_k)``."""
-        k, co = c
         x0 = state.history[0] if state.history else state.x
+        if type(c) is FrozenNS:
+            us = (*state.history[1:], model(state.x, c.s).velocity)
+            p = c.a * x0
+            for b, u in zip(c.b, us):
+                p = axpy(p, b, u)
+            return State(p, (x0, *us))
+        k, co = c
         us = (*state.history[1:], model(state.x, co["t"][k]).velocity)
         return State(self._combine(x0, us, k, co), (x0, *us))
 
