@@ -88,7 +88,7 @@ class Hand:
 
     def __init__(self, den, grid, solver, noise=None):
         self.den, self.sch, self.kind, self.noise = den, den.schedule, den.prediction, noise
-        self.grid, self.t = grid, grid.tolist()
+        self.grid, self.t, self.solver = grid, grid.tolist(), solver
         self.p = self.points(grid)
         self.f, self.g2 = self.sch.f(grid).tolist(), self.sch.g2(grid).tolist()
         self.mids = {}
@@ -311,6 +311,68 @@ METHODS = {
 }
 
 
+def perturbed(solver, seed=0, scale=0.05):
+    """A learned solver away from its identity transform (what a trained one looks like to the loop); its node
+    times stay uniform (``theta_t`` untouched), the grid of the flow problem."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in solver.named_parameters():
+            if name != "theta_t":
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return solver
+
+
+def bespoke_floats(c):
+    """The learned solver's per-step coefficients as Python floats, read once before the loop (as a user would)."""
+    if "bespoke" not in c.mids:
+        co = c.solver.coefficients(c.grid[0], c.grid[-1], times=c.grid)
+        c.mids["bespoke"] = {k: v.detach().tolist() for k, v in co.items()}
+        if "t_mid" in co:
+            c.mids["bespoke"]["p_mid"] = c.points(co["t_mid"].detach())
+    return c.mids["bespoke"]
+
+
+def velocity_net(net, x, p):
+    return net(x, torch.full((x.shape[0],), p.tn, dtype=x.dtype))
+
+
+def hand_bespoke_rk1(net, x, c):
+    co = bespoke_floats(c)
+    s, hsd, dt = co["s"], co["hsdot"], co["dt"]
+    for i in range(N):
+        x = torch.add(x * ((s[i] + hsd[i]) / s[i + 1]), velocity_net(net, x, c.p[i]), alpha=dt[i] * s[i] / s[i + 1])
+    return x
+
+
+def hand_bespoke_rk2(net, x, c):
+    co = bespoke_floats(c)
+    s, hsd, dt, sm, hsdm, dtm = co["s"], co["hsdot"], co["dt"], co["s_mid"], co["hsdot_mid"], co["dt_mid"]
+    for i in range(N):
+        z = torch.add(x * (s[i] + 0.5 * hsd[i]), velocity_net(net, x, c.p[i]), alpha=0.5 * dt[i] * s[i])
+        u_m = velocity_net(net, z / sm[i], co["p_mid"][i])
+        x = torch.add(x * (s[i] / s[i + 1]) + z * (hsdm[i] / (sm[i] * s[i + 1])), u_m, alpha=dtm[i] * sm[i] / s[i + 1])
+    return x
+
+
+def hand_bespoke_ns(net, x, c):
+    co = bespoke_floats(c)
+    a, b, us, p = co["a"], co["b"], [], x
+    for k in range(N):
+        us.append(velocity_net(net, p, c.p[k]))
+        p = x * a[k]
+        for j, u in enumerate(us):
+            p = torch.add(p, u, alpha=b[k][j])
+    return p
+
+
+#: learned solvers, on the flow problem only (their grid is their own node times: uniform there)
+BESPOKE = {
+    "Bespoke RK1": (perturbed(af.BespokeSolver(N, "rk1")), hand_bespoke_rk1, False),
+    "Bespoke RK2": (perturbed(af.BespokeSolver(N, "rk2")), hand_bespoke_rk2, False),
+    "Bespoke NS": (perturbed(af.BespokeNSSolver(N)), hand_bespoke_ns, False),
+}
+
+
 # --- diffusers' scheduler loops --------------------------------------------------------------------------
 def diffusers_cases(net):
     """(name, scheduler, our solver, our denoiser, our grid): the same method (diffusers' warm-up and final-step
@@ -360,7 +422,7 @@ def measure(rounds=ROUNDS):
     x = torch.randn(B, D)
     fns, checks = {}, {}
     for pname, (den, grid) in problems(net).items():
-        for mname, (solver, hand, sde) in METHODS.items():
+        for mname, (solver, hand, sde) in [*METHODS.items(), *(BESPOKE.items() if pname == "flow" else ())]:
             noise = af.BrownianNoise((B, D), seed=1) if sde else None
             c = Hand(den, grid, solver, noise)
             fns[pname, mname, "hand"] = lambda hand=hand, c=c: hand(net, x, c)
@@ -425,7 +487,7 @@ def test_overhead_every_solver(benchmark):
         "|---|---|---|---|---|---|---|",
     ]
     worst = 0.0
-    for (p, m, v) in [k for k in times if k[2] == "hand" and k[1] in METHODS]:
+    for (p, m, v) in [k for k in times if k[2] == "hand" and (k[1] in METHODS or k[1] in BESPOKE)]:
         warm, cold = ratio(times, (p, m, "solve"), (p, m, "hand")), ratio(times, (p, m, "cold"), (p, m, "hand"))
         worst = max(worst, warm)
         off = ratio(times, (p, m, "nocheck"), (p, m, "hand"))

@@ -157,29 +157,28 @@ class BespokeSolver(nn.Module, Solver):
         """Whether :func:`fit_bespoke` (or a load) has tied this solver to an interval."""
         return bool(torch.isfinite(self.interval).all())
 
-    def init(self, model, x: Tensor, grid: Tensor) -> State:
-        """Check that ``grid`` is this solver's (see :meth:`timesteps`) and start from ``x``."""
-        self._check_grid(grid)
-        return State(x)
-
     def frozen(self) -> bool:
         """Whether a solve run now can treat the coefficients as constants: no parameter needs a gradient
         (``torch.no_grad()``, or ``requires_grad_(False)``). Then :meth:`rows` are plain floats and
         planned evaluation points, cast once per solve and cached with the plan (:meth:`plan_key`);
         otherwise they are the differentiable float64 coefficients, read step by step."""
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        # _parameters, not parameters(): no submodules, and this runs once per solve
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values()))
 
     def plan_key(self):
         """Cache key of a frozen solver's plan (its class, size and every parameter value), else ``None``."""
         if not self.frozen():
             return None
-        values = torch.cat([t.detach().reshape(-1) for t in (*self.parameters(), self.interval)])
-        return (type(self).__name__, self.n_steps, self.base, values.cpu().numpy().tobytes())
+        values = [t.detach() for t in (*self._parameters.values(), self.interval)]
+        if values[0].device.type != "cpu":  # one copy to the host, not one per tensor
+            values = [torch.cat([v.reshape(-1) for v in values]).cpu()]
+        return (type(self).__name__, self.n_steps, self.base, b"".join(v.numpy().tobytes() for v in values))
 
     def rows(self, plan) -> list:
         """One row per step: frozen (see :meth:`frozen`), the step's coefficients as floats
         (:class:`FrozenRK1`, :class:`FrozenRK2`); else ``(i, coefficients)`` with the transform's
-        differentiable coefficients on the grid, computed once per solve."""
+        differentiable coefficients on the grid, computed once per solve. Checks first that ``grid`` is this
+        solver's (:meth:`timesteps`); a cached frozen plan was checked for the same values and grid."""
         grid = plan.grid
         learned = self._times(grid[0], grid[-1])
         self._check_grid(grid, learned)
