@@ -81,7 +81,11 @@ class UniPC(ExponentialIntegrator):
     is diffusers' rule for this scheduler (step ``i`` of ``n`` has order ``<= n - i``), ``False`` never lowers,
     ``None`` (default) lowers the order only where the step is long in ``lambda`` compared with the history
     (see :func:`~adjointflow.solvers.exponential.multistep_orders`). Steps to or from a singular end are
-    first order and not corrected. Continuous adjoint: AdjointDEIS of order ``min(2, global order)``.
+    first order; with bh2, UniC corrects a step from a singular start (``alpha_s = 0``: a flow from ``t = 1``) in its
+    limit ``h -> inf`` (``B(h) = e^{-h} - 1 -> -1``), ``x^c = x~ + alpha_t (m_t - m_s)/2``: the trapezoid rule in ``alpha``, in
+    which ``x0_hat`` is affine to first order near pure noise (its derivative is ``Cov[x_0] x``), so the step becomes
+    second order in ``alpha_t`` (measured: 10-20 % lower error at N = 5..10 on the digits flow,
+    ``benchmarks/results/solvers.md``). Continuous adjoint: AdjointDEIS of order ``min(2, global order)``.
     """
 
     order: int = 3
@@ -137,6 +141,12 @@ class UniPC(ExponentialIntegrator):
             cm = scale[:, None] * (ac[:, :-1] - a) / nodes
             for j, i in enumerate(idx):
                 corr[i + 1] = (p, c_t[j], tuple(cm[j].tolist()))
+        if self.corrector and self.variant == "bh2" and n > 1 and not finite[0] and finite[1] and st.alpha_s[0] == 0:
+            # step 0 leaves a singular start (alpha_s = 0, lambda_s = -inf): UniC-1 in the limit h -> inf with
+            # B(h) = e^{-h} - 1 -> -1 and a = 1/2 is finite, x^c = x~ + alpha_t/2 (m_t - m_s): the trapezoid in
+            # alpha of the exact integral, where x0_hat is affine in alpha to first order. bh1's B(h) = -h has no
+            # finite limit (and borrowing this one measured worse for UniPC-2 bh1): its first step stays as is.
+            corr[1] = (1, 0.5 * float(st.alpha_t[0]), ())
         rows = []
         for i in range(n):
             kc, c_t, c = corr[i]
