@@ -51,7 +51,7 @@ import torch
 from adjointflow import DDIM, DEIS, DPMSolverPP, LinearFlow, UniPC, solve, timesteps
 from adjointflow.solvers.exponential import Steps, first_order_coefficients, moment_weights, multistep_orders
 from adjointflow.solvers.base import axpy
-from adjointflow.solvers.unipc import UniPCRow, _g
+from adjointflow.solvers.unipc import UniPCRow, _g, singular_start_correction
 from test_bench_solvers import RESULTS, cliff_problems, digits_problem, mixture_problems, reference, rms
 
 NS = [5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50]
@@ -103,6 +103,8 @@ class UniPCVariant(UniPC):
                 ac = self._weights(rc, g[0, :kc])
                 cm = scale * ac[:-1] / rc[:-1] - np.concatenate([wp, np.zeros(kc - k)])
                 corr[i + 1] = (kc, scale * float(ac[-1]), tuple(cm.tolist()))
+        if self.corrector and self.variant == "bh2":  # as the library's UniPC (a flow from t = 1)
+            corr[1] = singular_start_correction(st) or corr[1]
         rows = []
         for i in range(n):
             kc, c_t, c = corr[i]

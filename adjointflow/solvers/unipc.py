@@ -24,7 +24,7 @@ from .exponential import (
     phis,
 )
 
-__all__ = ["UniPC", "VARIANTS"]
+__all__ = ["UniPC", "VARIANTS", "singular_start_correction"]
 
 #: ``B(h)`` of the paper's two variants: ``"bh1"``: ``B(h) = -h``; ``"bh2"``: ``B(h) = e^{-h} - 1``.
 VARIANTS = ("bh1", "bh2")
@@ -55,6 +55,18 @@ def _solve(nodes, g):
     if nodes.shape[1] == 1:
         return np.full_like(nodes, 0.5)
     return moment_weights(nodes, g)
+
+
+def singular_start_correction(st: Steps):
+    """UniC's ``(kc, c_t, c)`` for step 0 when it leaves a singular start (``alpha_s = 0``, ``lambda_s = -inf``:
+    a flow from ``t = 1``), else ``None``: UniC-1 in the limit ``h -> inf`` with ``B(h) = e^{-h} - 1 -> -1`` and
+    ``a = 1/2`` is finite, ``x^c = x~ + alpha_t (m_t - m_s)/2``, the trapezoid rule in ``alpha`` for the exact
+    integral, where ``x0_hat`` is affine in ``alpha`` to first order. bh1's ``B(h) = -h`` has no finite limit
+    (and borrowing this one measured worse for UniPC-2 bh1), so bh1 keeps its first step uncorrected."""
+    finite = st.finite
+    if len(finite) > 1 and not finite[0] and finite[1] and st.alpha_s[0] == 0:
+        return 1, 0.5 * float(st.alpha_t[0]), ()
+    return None
 
 
 @dataclass(frozen=True)
@@ -141,12 +153,8 @@ class UniPC(ExponentialIntegrator):
             cm = scale[:, None] * (ac[:, :-1] - a) / nodes
             for j, i in enumerate(idx):
                 corr[i + 1] = (p, c_t[j], tuple(cm[j].tolist()))
-        if self.corrector and self.variant == "bh2" and n > 1 and not finite[0] and finite[1] and st.alpha_s[0] == 0:
-            # step 0 leaves a singular start (alpha_s = 0, lambda_s = -inf): UniC-1 in the limit h -> inf with
-            # B(h) = e^{-h} - 1 -> -1 and a = 1/2 is finite, x^c = x~ + alpha_t/2 (m_t - m_s): the trapezoid in
-            # alpha of the exact integral, where x0_hat is affine in alpha to first order. bh1's B(h) = -h has no
-            # finite limit (and borrowing this one measured worse for UniPC-2 bh1): its first step stays as is.
-            corr[1] = (1, 0.5 * float(st.alpha_t[0]), ())
+        if self.corrector and self.variant == "bh2":
+            corr[1] = singular_start_correction(st) or corr[1]
         rows = []
         for i in range(n):
             kc, c_t, c = corr[i]
