@@ -254,8 +254,8 @@ def solve(
     after the loop; only if it is bad is the solve run again checking every step, so that
     :class:`~adjointflow.errors.NonFiniteError` names the first bad step, its time and whether the model or
     the update went bad (:mod:`adjointflow.finite`). ``check_finite="step"`` checks after every step as the
-    solve runs (debugging; one sync per step), ``False`` turns the check off. ``compile=True`` runs each step through ``torch.compile``
-    (``fullgraph=True``; the rows are tensors, so one compiled step serves the whole grid; a string picks
+    solve runs (debugging; one sync per step), ``False`` turns the check off. ``compile=True`` runs each
+    step through ``torch.compile`` (``fullgraph=True``; the rows are tensors, so one compiled step serves the whole grid; a string picks
     the backend, e.g. ``"aot_eager"``); where torch.compile cannot run it raises, never falls back.
 
     Returns a :class:`Solution`.

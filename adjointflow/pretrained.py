@@ -58,7 +58,8 @@ def digits_solver_nfes() -> tuple[int, ...]:
 
 def digits_solver(nfe: int = 10, denoiser=None):
     """The :class:`~adjointflow.BespokeSolver` bundled for :func:`digits` at ``nfe`` network evaluations
-    (Shaul et al. 2023; a :class:`~adjointflow.BespokeNSSolver`, Shaul et al. 2024, at NFE 5; trained by :mod:`adjointflow.demo.bespoke_digits` on ``t = 0.999 -> 1e-3``).
+    (Shaul et al. 2023; a :class:`~adjointflow.BespokeNSSolver`, Shaul et al. 2024, at NFE 5 and 20; trained
+    by :mod:`adjointflow.demo.bespoke_digits` on ``t = 0.999 -> 1e-3``).
     Sample on its own grid: ``solve(den, x, solver.timesteps(), solver)``.
 
     ``denoiser``: the model it is checked against (default :func:`digits`); a solver trained for

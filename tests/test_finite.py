@@ -35,28 +35,18 @@ def test_check_finite_values():
             solve(den, torch.zeros(2, 3), grid10(), af.Euler(), check_finite=bad)
 
 
+@pytest.mark.parametrize("check, calls", [(True, 10 + 7), ("step", 7)], ids=["deferred", "step"])
 @pytest.mark.parametrize("gradient", [Backprop(), Checkpoint(), ContinuousAdjoint()], ids=repr)
-def test_model_nan_is_named_after_the_loop(gradient):
+def test_model_nan_is_named(gradient, check, calls):
     net = NaNBelow(0.5)
     den = Denoiser(net, VPLinear(), "eps")
     x = torch.zeros(2, 3, requires_grad=True)
     with pytest.raises(NonFiniteError, match=r"model returned NaN/Inf at step 6 \(t=0\.43\)") as e:
-        solve(den, x, grid10(), af.Euler(), gradient=gradient)
+        solve(den, x, grid10(), af.Euler(), gradient=gradient, check_finite=check)
     assert e.value.step == 6 and abs(e.value.t - 0.43) < 1e-12
     # deferred: the loop ran to the end and its final state was checked once; only because it was bad, a
-    # rerun checking every step stopped at the bad evaluation (steps 0..6)
-    assert net.calls == 10 + 7
-
-
-@pytest.mark.parametrize("gradient", [Backprop(), Checkpoint(), ContinuousAdjoint()], ids=repr)
-def test_step_mode_names_the_model(gradient):
-    net = NaNBelow(0.5)
-    den = Denoiser(net, VPLinear(), "eps")
-    x = torch.zeros(2, 3, requires_grad=True)
-    with pytest.raises(NonFiniteError, match=r"model returned NaN/Inf at step 6 \(t=0\.43\)") as e:
-        solve(den, x, grid10(), af.Euler(), gradient=gradient, check_finite="step")
-    assert e.value.step == 6 and abs(e.value.t - 0.43) < 1e-12
-    assert net.calls == 7
+    # rerun checking every step stopped at the bad evaluation (steps 0..6). "step": the loop stopped there
+    assert net.calls == calls
 
 
 @pytest.mark.parametrize("sid,factory", [(s[0], s[1]) for s in ALL_SOLVERS], ids=[s[0] for s in ALL_SOLVERS])

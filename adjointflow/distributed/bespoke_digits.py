@@ -5,7 +5,7 @@
 
 Each rank solves the ground truth of its block of the latents; rank 0 writes ``--out`` atomically (an
 existing file only with ``--force``). Load it with ``BespokeSolver.load(path, denoiser=pretrained.digits())``
-(``BespokeNSSolver.load`` for ``--nfe 5``).
+(``BespokeNSSolver.load`` for ``--nfe 5`` and ``--nfe 20``).
 """
 from __future__ import annotations
 

@@ -103,15 +103,15 @@ class BespokeNSSolver(BespokeSolver):
     def step(self, model, state: State, c, noise=None) -> State:
         """Evaluate ``u_k`` at ``p_k`` and form ``p_{k+1}``; the history is ``(x_0, u_0, ..., u_k)``."""
         x0 = state.history[0] if state.history else state.x
-        if type(c) is FrozenNS:
-            us = (*state.history[1:], model(state.x, c.s).velocity)
+        frozen = type(c) is FrozenNS
+        us = (*state.history[1:], model(state.x, c.s if frozen else c[1]["t"][c[0]]).velocity)
+        if frozen:
             p = c.a * x0
             for b, u in zip(c.b, us):
                 p = axpy(p, b, u)
-            return State(p, (x0, *us))
-        k, co = c
-        us = (*state.history[1:], model(state.x, co["t"][k]).velocity)
-        return State(self._combine(x0, us, k, co), (x0, *us))
+        else:
+            p = self._combine(x0, us, *c)
+        return State(p, (x0, *us))
 
     @staticmethod
     def _combine(x0: Tensor, us, k: int, co: dict) -> Tensor:

@@ -93,11 +93,10 @@ class UniPC(ExponentialIntegrator):
     is diffusers' rule for this scheduler (step ``i`` of ``n`` has order ``<= n - i``), ``False`` never lowers,
     ``None`` (default) lowers the order only where the step is long in ``lambda`` compared with the history
     (see :func:`~adjointflow.solvers.exponential.multistep_orders`). Steps to or from a singular end are
-    first order; with bh2, UniC corrects a step from a singular start (``alpha_s = 0``: a flow from ``t = 1``) in its
-    limit ``h -> inf`` (``B(h) = e^{-h} - 1 -> -1``), ``x^c = x~ + alpha_t (m_t - m_s)/2``: the trapezoid rule in ``alpha``, in
-    which ``x0_hat`` is affine to first order near pure noise (its derivative is ``Cov[x_0] x``), so the step becomes
-    second order in ``alpha_t`` (measured: 10-20 % lower error at N = 5..10 on the digits flow,
-    ``benchmarks/results/solvers.md``). Continuous adjoint: AdjointDEIS of order ``min(2, global order)``.
+    first order; with bh2, UniC corrects a step from a singular start (``alpha_s = 0``: a flow from
+    ``t = 1``) in its limit ``h -> inf`` (:func:`singular_start_correction`): the trapezoid rule in ``alpha``,
+    in which ``x0_hat`` is affine to first order near pure noise, so the step becomes second order in
+    ``alpha_t`` (measured: 10-20 % lower error at N = 5..10 on the digits flow, ``benchmarks/results/solvers.md``). Continuous adjoint: AdjointDEIS of order ``min(2, global order)``.
     """
 
     order: int = 3
