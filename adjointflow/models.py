@@ -198,8 +198,9 @@ class Prediction:
     kind: str
     source: "NoiseSchedule | Coefficients | Conversion"
     # plain dict rather than functools.cached_property: the latter takes a lock that torch.compile cannot trace
-    # (and a slotted, non-frozen dataclass: built once per network call, its __init__ is a few assignments)
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # (and a slotted, non-frozen dataclass: built once per network call, its __init__ is a few assignments);
+    # made on the first conversion, since a solver reading the network's own type never needs one
+    _cache: "dict | None" = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def coeffs(self) -> Coefficients:
@@ -214,12 +215,15 @@ class Prediction:
         """This evaluation as prediction type ``target`` (exact affine conversion)."""
         if target == self.kind:
             return self.raw
-        out = self._cache.get(target)
+        cache = self._cache
+        if cache is None:
+            cache = self._cache = {}
+        out = cache.get(target)
         if out is None:
             out = self.source.apply(target, self.x, self.raw) if isinstance(self.source, Conversion) else None
             if out is None:
                 out = convert(self.raw, self.kind, target, self.x, self.coeffs)
-            self._cache[target] = out
+            cache[target] = out
         return out
 
     @property
