@@ -5,6 +5,7 @@
     sol = af.solve(den, x1, af.timesteps(den.schedule, 20), af.Heun())
 """
 from .adjoint import Backprop, Checkpoint, ContinuousAdjoint
+from .compiled import Compile
 from .driver import Solution, StepInfo, solve
 from .errors import NonFiniteError
 from .grids import timesteps
@@ -19,7 +20,7 @@ from . import pretrained
 __version__ = "0.1.0"
 
 __all__ = [
-    "solve", "Solution", "StepInfo", "NonFiniteError", "timesteps",
+    "solve", "Solution", "StepInfo", "NonFiniteError", "timesteps", "Compile",
     "Denoiser", "Prediction", "ClassifierFreeGuidance", "BrownianNoise",
     "NoiseSchedule", "VPLinear", "VPCosine", "VPDiscrete", "VE", "EDM", "LinearFlow",
     "Solver", "State", "Euler", "Heun", "EulerMaruyama", "Backprop", "Checkpoint", "ContinuousAdjoint",

@@ -1,37 +1,85 @@
-"""``solve(..., compile=True)``: one ``torch.compile``'d step serving every row of a grid.
+"""``solve(..., compile=...)``: the step, or the whole loop, through ``torch.compile``.
 
-The rows of a bound plan are 0-dim tensors (same shape at every step), the model's evaluation points
-carry their network time and conversions as tensors, and the noise increment is queried outside the
-step, so the traced step is the same graph for every step of a grid: it is compiled once per *kind* of
-step (the static fields of the rows, e.g. a warm-up step, a multistep step, a final first-order step;
-a small number that does not grow with the number of steps) and reused. ``fullgraph=True``: a step that
-cannot be traced without a graph break is an error, never a silent partial compilation. Each solve's
-plan gets its own compiled function (its own code object), so the variants of one solve never compete
-with another solve's for dynamo's per-function recompile limit, and hitting that limit raises.
+``compile=True`` (or ``"step"``): one compiled step serving every row of a grid. The rows of a bound plan
+are 0-dim tensors (same shape at every step), the model's evaluation points carry their network time and
+conversions as tensors, and the noise increment is queried outside the step, so the traced step is the
+same graph for every step of a grid: it is compiled once per *kind* of step (the static fields of the rows,
+e.g. a warm-up step, a multistep step, a final first-order step; a small number that does not grow with the
+number of steps) and reused. Works with every gradient strategy and option of ``solve``.
+
+``compile="solve"``: the whole loop of a grid as one graph (the steps unrolled; the noise increments drawn
+before it). One call per solve instead of one per step, so the per-call costs of a compiled function
+(guards, runtime wrappers) are paid once, and the backend may fuse across steps; compilation takes longer
+and grows with the number of steps, and a new grid compiles again. It is for the plain solve
+(:class:`~adjointflow.adjoint.Backprop`, and :class:`~adjointflow.adjoint.ContinuousAdjoint`'s forward
+pass); :class:`~adjointflow.adjoint.Checkpoint` (per-step recomputation), a ``callback``, ``progress`` and
+``check_finite="step"`` (which act between steps) are refused with a clear error.
+
+:class:`Compile` spells out the choice (scope, backend, ``torch.compile`` mode). ``fullgraph=True``: what
+cannot be traced without a graph break is an error, never a silent partial compilation. Each solve's plan
+gets its own compiled function (its own code object), so the variants of one solve never compete with
+another solve's for dynamo's per-function recompile limit, and hitting that limit raises.
 """
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .finite import FiniteRecord
 from .solvers.base import State
 
-__all__ = ["compiled_step", "check_compile"]
+__all__ = ["Compile", "compiled_step", "compiled_loop", "check_compile"]
 
 # kinds of step one solve may compile (warm-up, multistep, final steps x history lengths x input grads):
 # bounded by the solver's structure, far below this; reaching it is an error, not a silent eager fallback
 _VARIANTS = 32
+SCOPES = ("step", "solve")
 
 
-def check_compile(compile):
-    """The torch.compile backend for ``solve(compile=...)`` (``True`` -> the default ``"inductor"``, a name or
-    a callable -> that backend, ``False`` -> ``None``); a clear error where torch.compile cannot run."""
+@dataclass(frozen=True)
+class Compile:
+    """How ``solve`` uses ``torch.compile``: ``scope="step"`` (one compiled step for every row of the grid) or
+    ``"solve"`` (the whole loop as one graph; see the module docstring), the ``backend`` (a name from
+    ``torch._dynamo.list_backends()`` or a callable) and ``torch.compile``'s ``mode`` (e.g.
+    ``"reduce-overhead"``: CUDA graphs, for the inductor backend). ``solve(compile=True)`` is ``Compile()``,
+    ``compile="solve"`` is ``Compile(scope="solve")``, another string names the backend."""
+
+    scope: str = "step"
+    backend: Any = "inductor"
+    mode: str | None = None
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"Compile scope must be one of {SCOPES}, got {self.scope!r}")
+        if not isinstance(self.backend, str) and not callable(self.backend):
+            raise TypeError(f"Compile backend must be a name or a callable, got {self.backend!r}")
+        if self.mode is not None and not isinstance(self.mode, str):
+            raise TypeError(f"Compile mode must be None or a torch.compile mode name, got {self.mode!r}")
+
+    def __call__(self, fn):
+        """``torch.compile(fn, fullgraph=True, ...)`` with this backend and mode."""
+        kw = {} if self.mode is None else {"mode": self.mode}
+        return torch.compile(fn, fullgraph=True, backend=self.backend, **kw)
+
+
+def check_compile(compile) -> Compile | None:
+    """The :class:`Compile` for ``solve(compile=...)`` (``True``/``"step"`` -> ``Compile()``, ``"solve"`` ->
+    ``Compile(scope="solve")``, another name or a callable -> that backend, ``False`` -> ``None``); a clear
+    error where torch.compile cannot run."""
     if compile is False:
         return None
-    if compile is not True and not isinstance(compile, str) and not callable(compile):
-        raise TypeError(f"compile must be a bool or a torch.compile backend (name or callable), got {compile!r}")
+    if compile is True or (isinstance(compile, str) and compile == "step"):
+        compile = Compile()
+    elif isinstance(compile, str) and compile == "solve":
+        compile = Compile(scope="solve")
+    elif isinstance(compile, str) or (callable(compile) and not isinstance(compile, Compile)):
+        compile = Compile(backend=compile)
+    elif not isinstance(compile, Compile):
+        raise TypeError(f"compile must be a bool, 'step', 'solve', a torch.compile backend (name or callable) or a "
+                        f"Compile, got {compile!r}")
     if not hasattr(torch, "compile"):
         raise RuntimeError(f"compile={compile!r} needs torch.compile, which this torch ({torch.__version__}) lacks")
     try:
@@ -42,11 +90,25 @@ def check_compile(compile):
         raise RuntimeError(f"compile={compile!r}: torch.compile cannot be set up here ({e})") from e
     if not supported:
         raise RuntimeError(f"compile={compile!r}: torch.compile is not supported on this Python/platform")
-    backend = "inductor" if compile is True else compile
+    backend = compile.backend
     if isinstance(backend, str) and backend not in dynamo.list_backends(exclude_tags=()):
         raise ValueError(f"compile={compile!r}: unknown torch.compile backend; choose one of "
                          f"{sorted(dynamo.list_backends(exclude_tags=()))}")
-    return backend
+    return compile
+
+
+def _own(fn):
+    """A copy of ``fn`` with its own code object: its own dynamo cache and recompile count."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+
+
+def _guarded(fn, what: str, *args):
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=_VARIANTS):
+            return fn(*args)
+    except torch._dynamo.exc.TorchDynamoException as e:
+        raise RuntimeError(f"compile: torch.compile could not compile {what} without graph breaks or recompiled "
+                           f"it too often ({type(e).__name__}: {e})") from e
 
 
 def _step_body(solver, model, mode, tensors, c, noise):
@@ -57,26 +119,59 @@ def _step_body(solver, model, mode, tensors, c, noise):
     return new.tensors(), model.record.calls
 
 
-def compiled_step(bound, solver, backend: str):
+def compiled_step(bound, solver, spec: Compile):
     """``step(model, state, c, noise)`` running ``solver.step`` through ``torch.compile`` (cached on ``bound``)."""
     cache = bound.__dict__.setdefault("compiled", {})
-    key = (backend, solver, torch.is_grad_enabled())  # a solve runs in one grad mode; keep the variant sets apart
+    key = (spec, solver, torch.is_grad_enabled())  # a solve runs in one grad mode; keep the variant sets apart
     fn = cache.get(key)
     if fn is None:
-        body = types.FunctionType(_step_body.__code__.replace(), _step_body.__globals__, "_step_body")
-        fn = cache[key] = torch.compile(body, fullgraph=True, backend=backend)
+        fn = cache[key] = spec(_own(_step_body))
+    what = f"a {type(solver).__name__} step"
 
     def step(model, state, c, noise=None):
         record = model.record
         try:
-            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=_VARIANTS):
-                tensors, calls = fn(solver, model, record.mode, state.tensors(), c, noise)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            raise RuntimeError(f"compile: torch.compile could not compile a {type(solver).__name__} step without "
-                               f"graph breaks or recompiled it too often ({type(e).__name__}: {e})") from e
+            tensors, calls = _guarded(fn, what, solver, model, record.mode, state.tensors(), c, noise)
         finally:
             model.record = record
         record.calls.extend(calls)
         return State.from_tensors(tensors)
 
     return step
+
+
+def _loop_body(solver, model, mode, tensors, rows, noises, keep):
+    # as _step_body, for every row: the steps unrolled into one graph; the number of evaluations after each
+    # step is a trace-time constant, handed back so the driver can record the steps as the eager loop does
+    model.record = FiniteRecord(mode)
+    state = State.from_tensors(tensors)
+    xs, counts = [], []
+    for c, dw in zip(rows, noises):
+        state = solver.step(model, state, c, dw)
+        counts.append(len(model.record.calls))
+        if keep:
+            xs.append(state.x)
+    return state.tensors(), xs, model.record.calls, counts
+
+
+def compiled_loop(bound, solver, spec: Compile, start: int, stop: int, keep: bool):
+    """``run(model, state, noises) -> (state, xs, calls, counts)``: steps ``start .. stop-1`` as one compiled
+    graph (``compile="solve"``); ``xs`` the states after each step if ``keep``; cached on ``bound``."""
+    cache = bound.__dict__.setdefault("compiled", {})
+    key = ("solve", spec, solver, torch.is_grad_enabled(), start, stop, keep)
+    fn = cache.get(key)
+    if fn is None:
+        fn = cache[key] = spec(_own(_loop_body))
+    rows = bound.rows[start:stop]
+    what = f"a {type(solver).__name__} solve as one graph"
+
+    def run(model, state, noises):
+        record = model.record
+        try:
+            tensors, xs, calls, counts = _guarded(fn, what, solver, model, record.mode, state.tensors(), rows,
+                                                  noises, keep)
+        finally:
+            model.record = record
+        return State.from_tensors(tensors), xs, calls, counts
+
+    return run

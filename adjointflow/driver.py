@@ -90,7 +90,7 @@ class Problem:
     progress: bool = False
     bound: BoundPlan | None = None
     check_finite: Any = True
-    compile: Any = None  # torch.compile backend (name or callable), or None for eager steps
+    compile: Any = None  # a compiled.Compile (scope, backend, mode), or None for eager steps
 
     def __post_init__(self):
         if self.bound is None:
@@ -100,12 +100,17 @@ class Problem:
         return ModelCall(self.denoiser, self.cond, self.check_finite)
 
     def step(self):
-        """``step(model, state, row, noise)``: the solver's step, compiled when ``compile`` names a backend."""
-        if self.compile is None:
+        """``step(model, state, row, noise)``: the solver's step, compiled with ``compile="step"``."""
+        if self.compile is None or self.compile.scope != "step":
             return self.solver.step
         from .compiled import compiled_step
 
         return compiled_step(self.bound, self.solver, self.compile)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the loop runs as one compiled graph (``compile="solve"``)."""
+        return self.compile is not None and self.compile.scope == "solve"
 
 
 def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, stop: int | None = None,
@@ -118,8 +123,10 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
     ``check_finite="step"``.
     """
     rows, times, noise, cb = problem.bound.rows, problem.bound.plan.times, problem.noise, problem.callback
-    step = problem.step() if step is None else step
     stop = len(rows) if stop is None else stop
+    if step is None and problem.whole:
+        return _integrate_whole(problem, model, state, start, stop, trajectory)
+    step = problem.step() if step is None else step
     record, x = model.record, state.x
     bar = None
     if problem.progress:
@@ -150,6 +157,32 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
     finally:
         if bar is not None:
             bar.close()
+    return state
+
+
+def _integrate_whole(problem: Problem, model: ModelCall, state: State, start: int, stop: int,
+                     trajectory: list | None) -> State:
+    """:func:`integrate` with the steps as one compiled graph (``compile="solve"``): the noise increments are
+    drawn first, the steps are recorded after it (same record as the eager loop: the evaluations of each step,
+    the final state for the deferred NaN/Inf check)."""
+    from .compiled import compiled_loop
+
+    times, x = problem.bound.plan.times, state.x
+    noises = (None,) * (stop - start)
+    if problem.noise is not None:
+        noises = tuple(problem.noise(times[i], times[i + 1]).to(device=x.device, dtype=x.dtype)
+                       for i in range(start, stop))
+        if any(dw.shape != x.shape for dw in noises):
+            raise ValueError(f"noise(t, t_next) returned a shape other than x's {tuple(x.shape)}")
+    run = compiled_loop(problem.bound, problem.solver, problem.compile, start, stop, trajectory is not None)
+    state, xs, calls, counts = run(model, state, noises)
+    record, done = model.record, 0
+    for i, n in zip(range(start, stop), counts):
+        record.calls.extend(calls[done:n])
+        done = n
+        record.end_step(i, times[i + 1], xs[i - start] if xs else state.x, start=times[i])
+    if trajectory is not None:
+        trajectory.extend(xs)
     return state
 
 
@@ -255,8 +288,11 @@ def solve(
     :class:`~adjointflow.errors.NonFiniteError` names the first bad step, its time and whether the model or
     the update went bad (:mod:`adjointflow.finite`). ``check_finite="step"`` checks after every step as the
     solve runs (debugging; one sync per step), ``False`` turns the check off. ``compile=True`` runs each
-    step through ``torch.compile`` (``fullgraph=True``; the rows are tensors, so one compiled step serves the whole grid; a string picks
-    the backend, e.g. ``"aot_eager"``); where torch.compile cannot run it raises, never falls back.
+    step through ``torch.compile`` (``fullgraph=True``; the rows are tensors, so one compiled step serves the whole
+    grid); ``compile="solve"`` compiles the whole loop as one graph (fastest per solve, longer to compile, for
+    ``Backprop``/``ContinuousAdjoint`` without callback); another string picks the backend (e.g. ``"aot_eager"``),
+    :class:`~adjointflow.compiled.Compile` all three (:mod:`adjointflow.compiled`). Where torch.compile cannot
+    run it raises, never falls back.
 
     Returns a :class:`Solution`.
     """
@@ -282,6 +318,22 @@ def solve(
     check_finite_mode(check_finite)
     from .compiled import check_compile
 
+    compile = check_compile(compile)
+    if compile is not None and compile.scope == "solve":
+        _check_whole(gradient, callback, progress, check_finite)
     problem = Problem(denoiser, x, grid, solver, cond, noise, callback, save_trajectory, progress,
-                      check_finite=check_finite, compile=check_compile(compile))
+                      check_finite=check_finite, compile=compile)
     return gradient.run(problem)
+
+
+def _check_whole(gradient, callback, progress, check_finite) -> None:
+    """What ``compile="solve"`` (the loop as one graph) cannot do: anything that acts between steps."""
+    from .adjoint.strategies import Checkpoint
+
+    why = ("gradient=Checkpoint() (it recomputes each step on its own)" if isinstance(gradient, Checkpoint) else
+           "a callback (it runs between steps)" if callback is not None else
+           "progress=True (it updates between steps)" if progress else
+           "check_finite='step' (it checks between steps)" if check_finite == "step" else None)
+    if why is not None:
+        raise ValueError(f"compile='solve' runs the whole loop as one graph, which rules out {why}; use "
+                         "compile=True (one compiled step per row) instead")

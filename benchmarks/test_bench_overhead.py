@@ -21,7 +21,8 @@ recorded. ``solve`` runs warm (its plan cached, as in any repeated sampling, lik
 precomputed coefficients), cold (plan caches cleared before every call) and with ``check_finite=False``
 (the hand loops check nothing; the default NaN/Inf check costs one reduction of the final state per solve,
 see ``adjointflow/finite.py``). diffusers' loops call ``set_timesteps`` and ``step`` as its
-pipelines do; ours run the same method on the scheduler's grid (diffusers' warm-up and final-step rules).
+pipelines do; ours run the same method on the scheduler's grid (diffusers' warm-up and final-step rules),
+eager and with ``compile="solve"`` (the whole loop as one inductor graph, compiled in the warm-up call).
 ``OVERHEAD_ROUNDS`` overrides the number of rounds.
 """
 from __future__ import annotations
@@ -444,6 +445,8 @@ def measure(rounds=ROUNDS):
     for name, sched, solver, den, grid in diffusers_cases(net):
         fns["vpdiscrete", name, "diffusers"] = lambda sched=sched: diffusers_loop(net, sched, x)
         fns["vpdiscrete", name, "solve@diffusers"] = lambda den=den, grid=grid, s=solver: af.solve(den, x, grid, s).x
+        fns["vpdiscrete", name, "whole@diffusers"] = lambda den=den, grid=grid, s=solver: af.solve(
+            den, x, grid, s, compile="solve").x
         with torch.no_grad():
             a, b = fns["vpdiscrete", name, "diffusers"](), fns["vpdiscrete", name, "solve@diffusers"]()
         checks["diffusers", name] = float((a - b).abs().max() / a.abs().max())
@@ -494,13 +497,15 @@ def test_overhead_every_solver(benchmark):
         lines.append(f"| {p} | {m} | {statistics.median(times[p, m, 'hand']) * 1e3:.2f} | {warm:.3f} | {cold:.3f} | "
                      f"{off:.3f} | {checks[p, m]:.1e} |")
     lines += ["", "| vs diffusers (VPDiscrete, scheduler's grid) | diffusers loop (ms) | diffusers / hand loop "
-              "(vpdiscrete row) | solve / diffusers | max rel. diff. diffusers vs solve |", "|---|---|---|---|---|"]
+              "(vpdiscrete row) | solve / diffusers | solve(compile=\"solve\") / diffusers | max rel. diff. diffusers "
+              "vs solve |", "|---|---|---|---|---|---|"]
     dworst = 0.0
     for (p, m, v) in [k for k in times if k[2] == "diffusers"]:
         r = ratio(times, (p, m, "solve@diffusers"), (p, m, "diffusers"))
         dworst = max(dworst, r)
         lines.append(f"| {m} | {statistics.median(times[p, m, 'diffusers']) * 1e3:.2f} | "
-                     f"{ratio(times, (p, m, 'diffusers'), (p, m, 'hand')):.3f} | {r:.3f} | {checks['diffusers', m]:.1e} |")
+                     f"{ratio(times, (p, m, 'diffusers'), (p, m, 'hand')):.3f} | {r:.3f} | "
+                     f"{ratio(times, (p, m, 'whole@diffusers'), (p, m, 'diffusers')):.3f} | {checks['diffusers', m]:.1e} |")
     mc = statistics.median(times["vpdiscrete", "model calls", "hand"]) * 1e3
     lines += ["", f"Model calls alone (20 network evaluations): {mc:.2f} ms. Worst solve/hand (plan cached): "
               f"{worst:.3f}; worst solve/diffusers: {dworst:.3f}."]

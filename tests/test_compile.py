@@ -1,7 +1,8 @@
 """torch.compile-friendly steps: no graph break in any solver's step, one compiled step reused for every step
 of a grid (the number of compiled variants does not grow with N), output equal to the eager solve, and
-clear errors instead of a silent eager fallback. Backends "eager"/counting keep these tests cheap (the
-inductor comparison is in benchmarks/test_bench_compile.py)."""
+clear errors instead of a silent eager fallback; ``compile="solve"``: the whole loop as one graph, equal to the eager
+solve, and refused where something acts between steps. Backends "eager"/"aot_eager"/counting keep these tests
+cheap (inductor's timings: ``benchmarks/test_bench_overhead.py``)."""
 import pytest
 import torch
 
@@ -117,3 +118,62 @@ def test_compile_errors_are_clear(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(RuntimeError, match="not supported"):
         af.solve(den, x, grid, af.Euler(), compile=True)
+
+
+@pytest.mark.parametrize("name, factory, order, kind", ALL_SOLVERS, ids=[s[0] for s in ALL_SOLVERS])
+def test_whole_solve_is_one_graph_equal_to_eager(name, factory, order, kind):
+    """compile="solve": one graph per grid (a new grid is a new graph), the same states, trajectory and NFE."""
+    den, x = setup()
+    for n in (5, 7):
+        backend = Counting()
+        noise = af.BrownianNoise((2, 8), seed=3) if kind == "sde" else None
+        grid = af.timesteps(den.schedule, n)
+        with torch.no_grad():
+            out = af.solve(den, x, grid, factory(), compile=af.Compile("solve", backend), noise=noise,
+                           save_trajectory=True)
+            ref = af.solve(den, x, grid, factory(), noise=noise, save_trajectory=True)
+        assert backend.graphs == 1
+        torch.testing.assert_close(out.trajectory, ref.trajectory, rtol=1e-6, atol=1e-6)
+        assert out.nfe == ref.nfe
+
+
+@pytest.mark.filterwarnings("ignore:ContinuousAdjoint")  # 8 steps: too few for its accuracy; equality is the point
+def test_whole_solve_gradients_equal_eager():
+    den, x0 = setup()
+    grid = af.timesteps(den.schedule, 8)
+    params = list(den.net.parameters())
+
+    def grads(strategy, compile):
+        x = x0.clone().requires_grad_(True)
+        out = af.solve(den, x, grid, af.UniPC(order=3), gradient=strategy, compile=compile).x
+        return torch.autograd.grad(out.square().sum(), [x, *params])
+
+    for strategy in (af.Backprop(), af.ContinuousAdjoint()):
+        for a, b in zip(grads(strategy, af.Compile("solve", "aot_eager")), grads(strategy, False)):
+            assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+def test_whole_solve_names_a_bad_step():
+    """The deferred NaN/Inf check of a compiled loop: the final state is bad, the eager rerun names the step."""
+
+    class NaNLate(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.where(t[:, None] < 0.5, torch.full_like(x, float("nan")), torch.zeros_like(x))
+
+    den = af.Denoiser(NaNLate(), af.VPLinear(), "eps")
+    grid = af.timesteps(af.VPLinear(), 10, "uniform", t_start=1.0, t_end=0.05)  # grid[6] = 0.43
+    with pytest.raises(af.NonFiniteError, match=r"model returned NaN/Inf at step 6 \(t=0\.43\)"):
+        af.solve(den, torch.zeros(2, 3), grid, af.Euler(), compile=af.Compile("solve", "eager"))
+
+
+def test_whole_solve_refuses_what_acts_between_steps():
+    den, x = setup()
+    grid = af.timesteps(den.schedule, 4)
+    for kwargs, what in ((dict(gradient=af.Checkpoint()), "Checkpoint"), (dict(callback=lambda info: None), "callback"),
+                         (dict(progress=True), "progress"), (dict(check_finite="step"), "check_finite='step'")):
+        with pytest.raises(ValueError, match=f"compile='solve' .*{what}"):
+            af.solve(den, x, grid, af.Euler(), compile="solve", **kwargs)
+    with pytest.raises(ValueError, match="scope"):
+        af.Compile(scope="loop")
+    with pytest.raises(TypeError, match="mode"):
+        af.Compile(mode=3)
