@@ -8,9 +8,13 @@ e.g. a warm-up step, a multistep step, a final first-order step; a small number 
 number of steps) and reused. Works with every gradient strategy and option of ``solve``.
 
 ``compile="solve"``: the whole loop of a grid as one graph (the steps unrolled; the noise increments drawn
-before it). One call per solve instead of one per step, so the per-call costs of a compiled function
-(guards, runtime wrappers) are paid once, and the backend may fuse across steps; compilation takes longer
-and grows with the number of steps, and a new grid compiles again. It is for the plain solve
+before it and held at once, ``N |x|`` of memory for a stochastic solver). One call per solve instead of one
+per step, so the per-call costs of a compiled function (guards, runtime wrappers) are paid once, and the
+backend may fuse across steps; compilation takes longer and grows with the number of steps, and a new grid
+compiles again. On the project's CPU it is not faster than the eager loop for a small MLP
+(``benchmarks/results/overhead.md``); launch-bound GPUs are where one graph per solve is meant to pay, e.g. with
+``Compile(scope="solve", mode="reduce-overhead")`` (CUDA graphs: each call's outputs are overwritten by the next
+call, so clone what you keep). Not measured here (no GPU). It is for the plain solve
 (:class:`~adjointflow.adjoint.Backprop`, and :class:`~adjointflow.adjoint.ContinuousAdjoint`'s forward
 pass); :class:`~adjointflow.adjoint.Checkpoint` (per-step recomputation), a ``callback``, ``progress`` and
 ``check_finite="step"`` (which act between steps) are refused with a clear error.
@@ -54,15 +58,37 @@ class Compile:
     def __post_init__(self):
         if self.scope not in SCOPES:
             raise ValueError(f"Compile scope must be one of {SCOPES}, got {self.scope!r}")
-        if not isinstance(self.backend, str) and not callable(self.backend):
-            raise TypeError(f"Compile backend must be a name or a callable, got {self.backend!r}")
-        if self.mode is not None and not isinstance(self.mode, str):
-            raise TypeError(f"Compile mode must be None or a torch.compile mode name, got {self.mode!r}")
+        if isinstance(self.backend, Compile) or not (isinstance(self.backend, str) or callable(self.backend)):
+            raise TypeError(f"Compile backend must be a backend name or a backend callable, got {self.backend!r}")
+        try:  # compiled functions are cached per Compile
+            hash(self.backend)
+        except TypeError:
+            raise TypeError(f"Compile backend must be hashable (compiled functions are cached by it), got "
+                            f"{self.backend!r}") from None
+        if self.mode is not None:
+            if not isinstance(self.mode, str):
+                raise TypeError(f"Compile mode must be None or a torch.compile mode name, got {self.mode!r}")
+            if self.backend != "inductor":
+                raise ValueError(f"Compile mode={self.mode!r} is an inductor option; backend={self.backend!r} "
+                                 "would ignore it")
+            modes = _inductor_modes()
+            if modes is not None and self.mode not in modes:
+                raise ValueError(f"Compile mode must be one of {sorted(modes)}, got {self.mode!r}")
 
     def __call__(self, fn):
         """``torch.compile(fn, fullgraph=True, ...)`` with this backend and mode."""
         kw = {} if self.mode is None else {"mode": self.mode}
         return torch.compile(fn, fullgraph=True, backend=self.backend, **kw)
+
+
+def _inductor_modes():
+    """The mode names ``torch.compile`` accepts for inductor, or ``None`` if this torch does not list them."""
+    try:
+        from torch._inductor import list_mode_options
+
+        return tuple(list_mode_options())
+    except Exception:  # noqa: BLE001 - an older torch: torch.compile checks the mode itself
+        return None
 
 
 def check_compile(compile) -> Compile | None:
@@ -71,30 +97,33 @@ def check_compile(compile) -> Compile | None:
     error where torch.compile cannot run."""
     if compile is False:
         return None
+    given = compile  # error messages name what the caller passed
     if compile is True or (isinstance(compile, str) and compile == "step"):
-        compile = Compile()
+        spec = Compile()
     elif isinstance(compile, str) and compile == "solve":
-        compile = Compile(scope="solve")
-    elif isinstance(compile, str) or (callable(compile) and not isinstance(compile, Compile)):
-        compile = Compile(backend=compile)
-    elif not isinstance(compile, Compile):
+        spec = Compile(scope="solve")
+    elif isinstance(compile, Compile):
+        spec = compile
+    elif isinstance(compile, str) or callable(compile):
+        spec = Compile(backend=compile)
+    else:
         raise TypeError(f"compile must be a bool, 'step', 'solve', a torch.compile backend (name or callable) or a "
                         f"Compile, got {compile!r}")
     if not hasattr(torch, "compile"):
-        raise RuntimeError(f"compile={compile!r} needs torch.compile, which this torch ({torch.__version__}) lacks")
+        raise RuntimeError(f"compile={given!r} needs torch.compile, which this torch ({torch.__version__}) lacks")
     try:
         import torch._dynamo as dynamo
 
         supported = dynamo.is_dynamo_supported()
     except Exception as e:  # noqa: BLE001 - any failure to set dynamo up is the same answer
-        raise RuntimeError(f"compile={compile!r}: torch.compile cannot be set up here ({e})") from e
+        raise RuntimeError(f"compile={given!r}: torch.compile cannot be set up here ({e})") from e
     if not supported:
-        raise RuntimeError(f"compile={compile!r}: torch.compile is not supported on this Python/platform")
-    backend = compile.backend
+        raise RuntimeError(f"compile={given!r}: torch.compile is not supported on this Python/platform")
+    backend = spec.backend
     if isinstance(backend, str) and backend not in dynamo.list_backends(exclude_tags=()):
-        raise ValueError(f"compile={compile!r}: unknown torch.compile backend; choose one of "
+        raise ValueError(f"compile={given!r}: unknown torch.compile backend; choose one of "
                          f"{sorted(dynamo.list_backends(exclude_tags=()))}")
-    return compile
+    return spec
 
 
 def _own(fn):

@@ -116,7 +116,9 @@ class Problem:
 def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, stop: int | None = None,
               trajectory: list | None = None, step=None) -> State:
     """Run steps ``start .. stop-1`` of ``problem`` from ``state``; optionally collect each new ``x`` into
-    ``trajectory``. ``step(model, state, row, noise)`` defaults to ``problem.solver.step``.
+    ``trajectory``. ``step(model, state, row, noise)`` defaults to :meth:`Problem.step` (the solver's step,
+    compiled with ``compile="step"``), or, with ``compile="solve"``, to the whole range as one compiled graph;
+    an explicit ``step`` always runs the eager loop with it.
 
     The loop reads only host values (rows, Python-float times): NaN/Inf go to ``model.record`` and are
     checked after the loop (:meth:`~adjointflow.finite.FiniteRecord.check`), or after every step with
@@ -135,11 +137,7 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
         bar = tqdm(total=stop - start, desc=type(problem.solver).__name__, leave=False)
     try:
         for i in range(start, stop):
-            dw = None
-            if noise is not None:
-                dw = noise(times[i], times[i + 1]).to(device=x.device, dtype=x.dtype)
-                if dw.shape != x.shape:
-                    raise ValueError(f"noise(t, t_next) returned shape {tuple(dw.shape)} but x has {tuple(x.shape)}")
+            dw = None if noise is None else _increment(noise, times, i, x)
             new = step(model, state, rows[i], dw)
             if cb is not None:
                 g = problem.grid
@@ -160,6 +158,14 @@ def integrate(problem: Problem, model: ModelCall, state: State, start: int = 0, 
     return state
 
 
+def _increment(noise, times: list, i: int, x: Tensor) -> Tensor:
+    """The Brownian increment of step ``i``, on ``x``'s dtype and device, checked against its shape."""
+    dw = noise(times[i], times[i + 1]).to(device=x.device, dtype=x.dtype)
+    if dw.shape != x.shape:
+        raise ValueError(f"noise(t, t_next) returned shape {tuple(dw.shape)} but x has {tuple(x.shape)} (step {i})")
+    return dw
+
+
 def _integrate_whole(problem: Problem, model: ModelCall, state: State, start: int, stop: int,
                      trajectory: list | None) -> State:
     """:func:`integrate` with the steps as one compiled graph (``compile="solve"``): the noise increments are
@@ -167,13 +173,8 @@ def _integrate_whole(problem: Problem, model: ModelCall, state: State, start: in
     the final state for the deferred NaN/Inf check)."""
     from .compiled import compiled_loop
 
-    times, x = problem.bound.plan.times, state.x
-    noises = (None,) * (stop - start)
-    if problem.noise is not None:
-        noises = tuple(problem.noise(times[i], times[i + 1]).to(device=x.device, dtype=x.dtype)
-                       for i in range(start, stop))
-        if any(dw.shape != x.shape for dw in noises):
-            raise ValueError(f"noise(t, t_next) returned a shape other than x's {tuple(x.shape)}")
+    times, x, noise = problem.bound.plan.times, state.x, problem.noise
+    noises = (None,) * (stop - start) if noise is None else tuple(_increment(noise, times, i, x) for i in range(start, stop))
     run = compiled_loop(problem.bound, problem.solver, problem.compile, start, stop, trajectory is not None)
     state, xs, calls, counts = run(model, state, noises)
     record, done = model.record, 0
@@ -289,8 +290,9 @@ def solve(
     the update went bad (:mod:`adjointflow.finite`). ``check_finite="step"`` checks after every step as the
     solve runs (debugging; one sync per step), ``False`` turns the check off. ``compile=True`` runs each
     step through ``torch.compile`` (``fullgraph=True``; the rows are tensors, so one compiled step serves the whole
-    grid); ``compile="solve"`` compiles the whole loop as one graph (fastest per solve, longer to compile, for
-    ``Backprop``/``ContinuousAdjoint`` without callback); another string picks the backend (e.g. ``"aot_eager"``),
+    grid); ``compile="solve"`` compiles the whole loop as one graph (one compiled call per solve, longer to
+    compile; for ``Backprop``/``ContinuousAdjoint`` without callback; on CPU not faster than eager,
+    ``benchmarks/results/overhead.md``); another string picks the backend (e.g. ``"aot_eager"``),
     :class:`~adjointflow.compiled.Compile` all three (:mod:`adjointflow.compiled`). Where torch.compile cannot
     run it raises, never falls back.
 
@@ -327,10 +329,13 @@ def solve(
 
 
 def _check_whole(gradient, callback, progress, check_finite) -> None:
-    """What ``compile="solve"`` (the loop as one graph) cannot do: anything that acts between steps."""
-    from .adjoint.strategies import Checkpoint
+    """What ``compile="solve"`` (the loop as one graph) cannot do: anything that acts between steps, and gradient
+    strategies other than the two that run the plain loop (one that passes its own step would run eagerly)."""
+    from .adjoint.strategies import Backprop, Checkpoint, ContinuousAdjoint
 
     why = ("gradient=Checkpoint() (it recomputes each step on its own)" if isinstance(gradient, Checkpoint) else
+           f"gradient={gradient!r} (only Backprop and ContinuousAdjoint run the plain loop)"
+           if type(gradient) not in (Backprop, ContinuousAdjoint) else
            "a callback (it runs between steps)" if callback is not None else
            "progress=True (it updates between steps)" if progress else
            "check_finite='step' (it checks between steps)" if check_finite == "step" else None)

@@ -385,6 +385,33 @@ def _final_sigma2_weight(plan, lam_min=2.5):
     return float(st.sigma_t[n - 1] * st.alpha_s[n - 1] / st.sigma_s[n - 1]) * 4 * math.sinh(h / 2) ** 2 / math.expm1(2 * h1)
 
 
+def _last_step_alone(ns):
+    """The 8-D Gaussian flow's last step from the exact state before it: its own error with x0_hat constant (the
+    first-order step the policy takes), linear in sigma~^2 through the last two nodes (the variant) and linear in
+    lambda (2M's extrapolation, with the exact e^lambda integral), each against the exact flow map."""
+    _, sch, data, den, x, grid = cliff_problems()[1]
+    out = ["## The last step alone (8-D Gaussian flow, exact state before it)", "",
+           "| N | h (last step) | h_1 (the one before) | first order | linear in sigma~^2 | linear in lambda |",
+           "|---|---|---|---|---|---|"]
+    with torch.no_grad():
+        for n in ns:
+            g = grid(n)
+            lam = sch.log_snr(g).tolist()
+            al, sg = sch.alpha(g).tolist(), sch.sigma(g).tolist()
+            x1, xs = data.flow_map(sch, x, g[0], g[-3]), data.flow_map(sch, x, g[0], g[-2])
+            m1, m0 = den(x1, g[-3]).x0, den(xs, g[-2]).x0
+            ls, lt, l1 = lam[-2], lam[-1], lam[-3]
+            h, h1 = lt - ls, ls - l1
+            first = (sg[-1] / sg[-2]) * xs + al[-1] * -math.expm1(-h) * m0
+            k = (sg[-1] * al[-2] / sg[-2]) * 4 * math.sinh(h / 2) ** 2 / math.expm1(2 * h1)
+            # x0_hat = m0 + (m0 - m1)(lambda - ls)/h1: sigma_t * int_ls^lt e^lambda (lambda - ls) dlambda / h1
+            slope = sg[-1] * (math.exp(lt) * (h - 1) + math.exp(ls)) / h1
+            exact = data.flow_map(sch, x, g[0], g[-1])
+            errs = [rms(first, exact), rms(first + k * (m0 - m1), exact), rms(first + slope * (m0 - m1), exact)]
+            out.append(f"| {n} | {h:.2f} | {h1:.2f} | " + " | ".join(f"{e:.3g}" for e in errs) + " |")
+    return out + [""]
+
+
 @dataclass(frozen=True)
 class UniPCFinalSigma2(UniPC):
     def rows(self, plan):
@@ -418,6 +445,7 @@ def test_final_step_sigma2(benchmark):
              "--benchmark-only -o testpaths=benchmarks -s -k sigma2` (the variant: the module docstring). RMS error; "
              "each cell `default -> variant`, **bold** where the variant is better by more than 1 %.",
              f"CPU, one thread, load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())}.", ""]
+    lines += _last_step_alone([8, 10, 20, 50, 100])
     with torch.no_grad():
         for pname, den, x, grid, ref, cond in problems():
             nsx = ns[:-2] if pname == "digits" else ns

@@ -120,19 +120,38 @@ def test_compile_errors_are_clear(monkeypatch):
         af.solve(den, x, grid, af.Euler(), compile=True)
 
 
+class CountingCalls(Counting):
+    """Counting, and also the calls of the compiled graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+
+        def run(*args):
+            self.calls += 1
+            return gm.forward(*args)
+
+        return run
+
+
 @pytest.mark.parametrize("name, factory, order, kind", ALL_SOLVERS, ids=[s[0] for s in ALL_SOLVERS])
 def test_whole_solve_is_one_graph_equal_to_eager(name, factory, order, kind):
-    """compile="solve": one graph per grid (a new grid is a new graph), the same states, trajectory and NFE."""
+    """compile="solve": one graph per grid, called once per solve, reused for the same grid (a new grid is a new
+    graph); the same trajectory and NFE as the eager solve."""
     den, x = setup()
-    for n in (5, 7):
-        backend = Counting()
+    backend = CountingCalls()
+    spec = af.Compile("solve", backend)
+    for n, graphs in ((5, 1), (5, 1), (7, 2)):
         noise = af.BrownianNoise((2, 8), seed=3) if kind == "sde" else None
         grid = af.timesteps(den.schedule, n)
+        calls = backend.calls
         with torch.no_grad():
-            out = af.solve(den, x, grid, factory(), compile=af.Compile("solve", backend), noise=noise,
-                           save_trajectory=True)
+            out = af.solve(den, x, grid, factory(), compile=spec, noise=noise, save_trajectory=True)
             ref = af.solve(den, x, grid, factory(), noise=noise, save_trajectory=True)
-        assert backend.graphs == 1
+        assert (backend.graphs, backend.calls - calls) == (graphs, 1)
         torch.testing.assert_close(out.trajectory, ref.trajectory, rtol=1e-6, atol=1e-6)
         assert out.nfe == ref.nfe
 
@@ -169,11 +188,64 @@ def test_whole_solve_names_a_bad_step():
 def test_whole_solve_refuses_what_acts_between_steps():
     den, x = setup()
     grid = af.timesteps(den.schedule, 4)
-    for kwargs, what in ((dict(gradient=af.Checkpoint()), "Checkpoint"), (dict(callback=lambda info: None), "callback"),
-                         (dict(progress=True), "progress"), (dict(check_finite="step"), "check_finite='step'")):
+
+    class Mine(af.Backprop):
+        pass
+
+    for kwargs, what in ((dict(gradient=af.Checkpoint()), "Checkpoint"), (dict(gradient=Mine()), "only Backprop"),
+                         (dict(callback=lambda info: None), "callback"), (dict(progress=True), "progress"),
+                         (dict(check_finite="step"), "check_finite='step'")):
         with pytest.raises(ValueError, match=f"compile='solve' .*{what}"):
             af.solve(den, x, grid, af.Euler(), compile="solve", **kwargs)
+
+
+def test_whole_solve_errors_are_clear():
+    den, x = setup()
+    grid = af.timesteps(den.schedule, 4)
+
+    class Breaks(torch.nn.Module):
+        def forward(self, x, t):
+            torch._dynamo.graph_break()
+            return x * t[:, None]
+
+    with pytest.raises(RuntimeError, match="could not compile a Euler solve as one graph"):
+        af.solve(af.Denoiser(Breaks(), af.VPLinear(), "eps"), x, grid, af.Euler(), compile=af.Compile("solve", "eager"))
+
+    class WrongShape(af.BrownianNoise):
+        def __call__(self, t0, t1):
+            return super().__call__(t0, t1)[:1]
+
+    with pytest.raises(ValueError, match=r"returned shape \(1, 8\) but x has \(2, 8\) \(step 0\)"):
+        af.solve(den, x, grid, af.EulerMaruyama(), noise=WrongShape((2, 8), seed=0), compile=af.Compile("solve", "eager"))
+
+
+def test_compile_spec():
+    from adjointflow.compiled import check_compile
+
+    assert check_compile(True) == check_compile("step") == af.Compile()
+    assert check_compile("solve") == af.Compile(scope="solve")
+    assert check_compile("aot_eager") == af.Compile(backend="aot_eager")
+    assert check_compile(False) is None
     with pytest.raises(ValueError, match="scope"):
         af.Compile(scope="loop")
     with pytest.raises(TypeError, match="mode"):
         af.Compile(mode=3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        af.Compile(mode="bogus")
+    with pytest.raises(ValueError, match="inductor option"):
+        af.Compile(backend="eager", mode="reduce-overhead")
+    with pytest.raises(TypeError, match="backend"):
+        af.Compile(backend=42)
+    with pytest.raises(TypeError, match="backend"):
+        af.Compile(backend=af.Compile())
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, gm, example_inputs):
+            return gm.forward
+
+    with pytest.raises(TypeError, match="hashable"):
+        af.Compile(backend=Unhashable())
+    with pytest.raises(ValueError, match="compile='bogus': unknown torch.compile backend"):
+        check_compile("bogus")

@@ -73,6 +73,20 @@ def test_validate_grid_errors(grid, err, match):
         validate_grid(grid)
 
 
+BAD_TAILS = [([0.5, 0.7], "monotone"), ([0.5, 0.5], "duplicate"), ([0.5, 1.2], "outside"), ([0.5, -0.1], "outside"),
+             ([0.5, float("nan")], "NaN"), ([0.5, float("inf")], "NaN/Inf"), ([0.5, -float("inf")], "NaN/Inf")]
+
+
+@pytest.mark.parametrize("length", [4, 70], ids=["short", "long"])  # a grid up to 64 times is tested on a list
+@pytest.mark.parametrize("tail, match", BAD_TAILS, ids=[m + str(i) for i, (_, m) in enumerate(BAD_TAILS)])
+def test_validate_grid_errors_short_and_long(tail, match, length):
+    head = torch.linspace(1.0, 0.6, length - len(tail), dtype=torch.float64).tolist()
+    with pytest.raises(ValueError, match=match):
+        validate_grid(head + tail)
+    good = validate_grid(head + [0.5, 0.1])
+    assert good.shape == (length,)
+
+
 def test_validate_grid_accepts_increasing():
     g = validate_grid([0.1, 0.5, 0.9])
     assert g.dtype == torch.float64
