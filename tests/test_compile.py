@@ -85,18 +85,23 @@ def test_compiled_once_per_kind_of_step_and_equal_to_eager(name, factory, order,
     assert len(set(graphs)) == 1 and graphs[0] <= limit, graphs
 
 
-def test_compiled_gradients_equal_eager_for_every_strategy():
+@pytest.mark.filterwarnings("ignore:ContinuousAdjoint")  # 8 steps: too few for its accuracy; equality is the point
+@pytest.mark.parametrize("scope, solver, strategies", [
+    ("step", af.DPMSolverPP(order=3), (af.Backprop(), af.adjoint.Checkpoint(keep=0), af.adjoint.ContinuousAdjoint())),
+    ("solve", af.UniPC(order=3), (af.Backprop(), af.adjoint.ContinuousAdjoint())),
+], ids=["step", "solve"])
+def test_compiled_gradients_equal_eager_for_every_strategy(scope, solver, strategies):
     den, x0 = setup()
     grid = af.timesteps(den.schedule, 8)
     params = list(den.net.parameters())
 
     def grads(strategy, compile):
         x = x0.clone().requires_grad_(True)
-        out = af.solve(den, x, grid, af.DPMSolverPP(order=3), gradient=strategy, compile=compile).x
+        out = af.solve(den, x, grid, solver, gradient=strategy, compile=compile).x
         return torch.autograd.grad(out.square().sum(), [x, *params])
 
-    for strategy in (af.Backprop(), af.adjoint.Checkpoint(keep=0), af.adjoint.ContinuousAdjoint()):
-        for a, b in zip(grads(strategy, "aot_eager"), grads(strategy, False)):
+    for strategy in strategies:
+        for a, b in zip(grads(strategy, af.Compile(scope, "aot_eager")), grads(strategy, False)):
             assert (a - b).norm() <= 1e-5 * b.norm()  # float32 rounding (decomposed ops)
 
 
@@ -154,22 +159,6 @@ def test_whole_solve_is_one_graph_equal_to_eager(name, factory, order, kind):
         assert (backend.graphs, backend.calls - calls) == (graphs, 1)
         torch.testing.assert_close(out.trajectory, ref.trajectory, rtol=1e-6, atol=1e-6)
         assert out.nfe == ref.nfe
-
-
-@pytest.mark.filterwarnings("ignore:ContinuousAdjoint")  # 8 steps: too few for its accuracy; equality is the point
-def test_whole_solve_gradients_equal_eager():
-    den, x0 = setup()
-    grid = af.timesteps(den.schedule, 8)
-    params = list(den.net.parameters())
-
-    def grads(strategy, compile):
-        x = x0.clone().requires_grad_(True)
-        out = af.solve(den, x, grid, af.UniPC(order=3), gradient=strategy, compile=compile).x
-        return torch.autograd.grad(out.square().sum(), [x, *params])
-
-    for strategy in (af.Backprop(), af.ContinuousAdjoint()):
-        for a, b in zip(grads(strategy, af.Compile("solve", "aot_eager")), grads(strategy, False)):
-            assert (a - b).norm() <= 1e-5 * b.norm()
 
 
 def test_whole_solve_names_a_bad_step():
