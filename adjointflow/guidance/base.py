@@ -14,6 +14,13 @@ the loss per sample and the current clean estimate; returning a true value stops
 then returns its result so far (``stop_reason="callback"``). Ctrl-C (``KeyboardInterrupt``) does the
 same with ``interrupted=True``: latent optimisers return the best recorded estimate per sample,
 samplers the latest clean estimate. :class:`RunMonitor` implements this once for all methods.
+
+Host synchronisation: a sampler's loop reads nothing on the host. Losses stay on the device until the
+run ends; NaN/Inf checks keep witnesses (:class:`~adjointflow.guidance.witnesses.Witnesses`) checked once
+at the end (the error still names the first bad step and its time); times and schedule values are host
+floats planned once. A ``callback`` costs one sync per step (it gets the loss on the host, and the
+checks run before it sees the step), and a displayed progress bar reads the loss for its postfix at most
+every :data:`POSTFIX_INTERVAL_S` seconds (a delayed bar not yet shown reads nothing).
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from ..driver import _check_cond, check_sample
 from ..errors import NonFiniteError
 from ..grids import timesteps, validate_grid
 from ..models import Denoiser
+from .witnesses import Witnesses
 
 __all__ = ["GuidanceResult", "GuidanceStep", "RunMonitor", "STOP_REASONS", "Counter", "CountedDenoiser",
            "evaluate_objective", "check_run_inputs", "sampling_grid", "resolve_noise", "progress_bar", "Timer",
@@ -39,6 +47,8 @@ __all__ = ["GuidanceResult", "GuidanceStep", "RunMonitor", "STOP_REASONS", "Coun
 STOP_REASONS = ("completed", "converged", "discrepancy", "callback", "interrupted")
 #: ``progress=None`` shows a bar only once a run has lasted this many seconds
 PROGRESS_DELAY_S = 3.0
+#: a displayed bar shows the latest loss, read on the host at most this often (a read is a device sync)
+POSTFIX_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -120,6 +130,10 @@ class RunMonitor:
 
     ``keep_best=True`` (latent optimisers) keeps, per sample, the record with the lowest loss (or the
     one passed to :meth:`accept`, e.g. by the discrepancy principle); ``False`` (samplers) the latest.
+
+    Records stay on the loss's device. ``finite`` collects the run's deferred NaN/Inf checks: checked when
+    the block ends (also after Ctrl-C, and before another exception propagates, as an earlier NaN/Inf is
+    its likely cause) and before each callback.
     """
 
     def __init__(self, method: str, total: int, *, callback=None, progress: bool | None = None,
@@ -131,13 +145,19 @@ class RunMonitor:
         self._x0 = self._latent = self._loss = None
         self._accepted: Tensor | None = None
         self._bar = progress_bar(progress, self.total, method)
+        self._postfix_at = -float("inf")
+        self.finite = Witnesses()
 
     def __enter__(self) -> "RunMonitor":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._bar.close()
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and self._x0 is not None:
+        if exc_type is None or issubclass(exc_type, Exception):
+            self.finite.check()  # a NaN/Inf at an earlier step is raised as it would have been there
+            return False
+        if issubclass(exc_type, KeyboardInterrupt) and self._x0 is not None:
+            self.finite.check()
             self.interrupted = True
             return True  # the run returns what it has
         return False
@@ -146,20 +166,33 @@ class RunMonitor:
                score: Tensor | None = None) -> bool:
         """Record one iteration's ``loss`` ``(batch,)`` at the clean estimate ``x0`` (and the ``latent``
         that produced it; ``score``: what "best" minimises, default ``loss``); update the bar; call the
-        callback. Returns True if the callback asked to stop."""
-        loss = loss.detach().to(torch.float64).cpu()
+        callback (``t``: the step's time, a host float). Returns True if the callback asked to stop."""
+        loss = loss.detach().to(torch.float64)
         x0 = x0.detach()
         self.losses.append(loss)
-        self._keep(loss, loss if score is None else score.detach().to(torch.float64).cpu(), x0,
+        self._keep(loss, loss if score is None else score.detach().to(torch.float64).to(loss.device), x0,
                    None if latent is None else latent.detach())
-        # refresh=False: an explicit refresh would show a delayed (progress=None) bar at once
-        self._bar.set_postfix(loss=float(loss.mean()), refresh=False)
+        self._postfix(loss)
         self._bar.update(1)
         if self.callback is not None:
-            step = GuidanceStep(self.method, int(iteration), self.total, loss, x0, None if t is None else float(t))
+            self.finite.check()  # the callback never sees a step that went bad
+            step = GuidanceStep(self.method, int(iteration), self.total, loss.cpu(), x0,
+                                None if t is None else float(t))
             if self.callback(step):
                 self.stopped = True
         return self.stopped
+
+    def _postfix(self, loss: Tensor) -> None:
+        # the loss is read on the host only for a bar on screen, and at most every POSTFIX_INTERVAL_S
+        bar = self._bar
+        if isinstance(bar, _NoBar) or bar.disable:
+            return
+        now = time.time()  # tqdm's clock (start_t)
+        if now < bar.start_t + bar.delay or now - self._postfix_at < POSTFIX_INTERVAL_S:
+            return
+        self._postfix_at = now
+        # refresh=False: the bar redraws at its own pace
+        bar.set_postfix(loss=float(loss.mean()), refresh=False)
 
     def _keep(self, loss, score, x0, latent) -> None:
         if self._x0 is None or not self.keep_best:
@@ -169,19 +202,19 @@ class RunMonitor:
         better = score < self._score
         if self._accepted is not None:
             better &= ~self._accepted
-        if bool(better.any()):
-            self._loss = torch.where(better, loss, self._loss)
-            self._score = torch.where(better, score, self._score)
-            m = better.to(x0.device).reshape(-1, *([1] * (x0.ndim - 1)))
-            self._x0 = torch.where(m, x0, self._x0)
-            if latent is not None and self._latent is not None:
-                self._latent = torch.where(m.to(latent.device), latent, self._latent)
+        # unconditional: where() with no better sample changes nothing, and asking first is a host sync
+        self._loss = torch.where(better, loss, self._loss)
+        self._score = torch.where(better, score, self._score)
+        m = better.to(x0.device).reshape(-1, *([1] * (x0.ndim - 1)))
+        self._x0 = torch.where(m, x0, self._x0)
+        if latent is not None and self._latent is not None:
+            self._latent = torch.where(m.to(latent.device), latent, self._latent)
 
     def accept(self, mask: Tensor) -> None:
         """Freeze the samples in ``mask`` (``(batch,)`` bool) at their latest record: later records do
         not replace it. (Called right after the record that met the stopping rule; with
         ``keep_best`` that record is also the best so far, as every earlier one missed the rule.)"""
-        mask = mask.detach().cpu()
+        mask = mask.detach().to(self._device(mask))
         self._accepted = mask.clone() if self._accepted is None else self._accepted | mask
 
     def meet(self, loss: Tensor, target: Tensor | None) -> bool:
@@ -190,14 +223,20 @@ class RunMonitor:
         if target is None:
             return False
         batch = loss.shape[0]
-        met = (loss.detach().cpu() <= target) & ~self.accepted(batch)
+        loss = loss.detach()
+        met = (loss <= target.to(loss.device)) & ~self.accepted(batch).to(loss.device)
         if bool(met.any()):
             self.accept(met)
         return bool(self.accepted(batch).all())
 
     def accepted(self, batch: int) -> Tensor:
-        """``(batch,)`` bool: the samples frozen by :meth:`accept`."""
-        return self._accepted if self._accepted is not None else torch.zeros(batch, dtype=torch.bool)
+        """``(batch,)`` bool: the samples frozen by :meth:`accept` (on the records' device)."""
+        if self._accepted is not None:
+            return self._accepted
+        return torch.zeros(batch, dtype=torch.bool, device=self._device(None))
+
+    def _device(self, fallback):
+        return self._loss.device if self._loss is not None else fallback.device if fallback is not None else None
 
     def estimate(self, fallback_latent: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(x0, latent, loss)`` kept so far (best or latest per sample); ``fallback_latent`` where no
@@ -294,9 +333,11 @@ def check_run_inputs(denoiser, objective, x_init, cond=None) -> None:
             evaluate_objective(objective, x_init.detach(), where="on a probe of x_init's shape")
 
 
-def evaluate_objective(objective: Callable, x0: Tensor, t=None, where: str = "") -> Tensor:
+def evaluate_objective(objective: Callable, x0: Tensor, t=None, where: str = "", witnesses: Witnesses | None = None,
+                       step: int | None = None, t_host: float | None = None) -> Tensor:
     """``objective(x0)`` (or ``objective(x0, t)`` if time dependent), checked: a tensor of shape
-    ``(batch,)`` with finite entries."""
+    ``(batch,)`` with finite entries (checked now, or, with ``witnesses``, when they are checked: the
+    error then carries ``step`` and the time ``t_host``)."""
     out = objective(x0, t) if getattr(objective, "time_dependent", False) else objective(x0)
     sfx = f" {where}" if where else ""
     if not isinstance(out, Tensor):
@@ -305,7 +346,9 @@ def evaluate_objective(objective: Callable, x0: Tensor, t=None, where: str = "")
     if tuple(out.shape) != (x0.shape[0],):
         raise ValueError(f"the objective must return one loss per sample, shape ({x0.shape[0]},), "
                          f"got {tuple(out.shape)}{sfx}")
-    if not bool(torch.isfinite(out).all()):
+    if witnesses is not None:
+        witnesses.add(out, f"the objective returned NaN/Inf{sfx}", step, t_host)
+    elif not bool(torch.isfinite(out).all()):
         raise NonFiniteError(f"the objective returned NaN/Inf{sfx}")
     return out
 
@@ -394,4 +437,6 @@ class Timer:
 
 
 def stack_losses(records: list[Tensor]) -> Tensor:
-    return torch.stack([r.detach().to(torch.float64).cpu() for r in records])
+    """The ``(records, batch)`` float64 history on the host: one device-to-host copy for the whole run."""
+    device = records[-1].device
+    return torch.stack([r.detach().to(device=device, dtype=torch.float64) for r in records]).cpu()

@@ -75,7 +75,7 @@ class DDRM(StepwiseSampler):
 
     def _update(self, m: SpectralMeasurement, step: Step, x):
         with torch.no_grad():
-            pred = step.model(x, step.t)
+            pred = step.model(x, step.at)
             x0, eps = pred.x0, pred.eps
             c0, e = m.vt(x0), m.vt(eps)
             z = step.noise(c0)

@@ -73,10 +73,10 @@ class DiffPIR(StepwiseSampler):
 
     def _corrected(self, m: SpectralMeasurement, step: Step, x):
         """``(x0_hat, x0_tilde)`` at ``(x, step.t)``: the network's estimate and the data step's (one NFE)."""
-        a, sg = step.alpha, step.sigma
+        h = step.host
         with torch.no_grad():
-            x0 = step.model(x, step.t).x0
-            rho2 = float((sg / a) ** 2) if bool(a > 0) else math.inf
+            x0 = step.model(x, step.at).x0
+            rho2 = (h.sigma / h.alpha) ** 2 if h.alpha > 0 else math.inf
             return x0, m.prox(x0, self.lam * m.sigma**2 / tweedie_variance(rho2, self.data_variance))
 
     def _update(self, m: SpectralMeasurement, step: Step, x):

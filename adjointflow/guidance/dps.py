@@ -22,6 +22,7 @@ The gradient is taken w.r.t. ``x_i`` *through the denoiser*. Two step-size rules
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,6 @@ import torch
 from torch import Tensor
 
 from ..driver import ModelCall
-from ..errors import NonFiniteError
 from ..models import Prediction
 from ..solvers.base import Solver, State
 from ..solvers.sde import SDEDPMSolverPP
@@ -109,17 +109,21 @@ class DPS:
         check_progress(self.progress)
         check_callback(self.callback)
 
-    def _weight(self, schedule, t: Tensor, t_next: Tensor) -> float:
+    def _weights(self, schedule, grid: Tensor) -> list[float]:
+        """The step sizes ``c_i`` of every step (host floats, computed once for the grid)."""
+        n = len(grid) - 1
         if self.rule == "dps":
-            return float(self.scale)
+            return [float(self.scale)] * n
         kappa = 1.0 if self.solver.stochastic else 0.5
-        w = self.scale * kappa * float(schedule.g2(t)) * abs(float(t_next - t))
-        if not torch.isfinite(torch.tensor(w)):
-            raise ValueError(
-                f"rule='score' weights the guidance by g(t)^2, which is infinite at t={float(t)} for "
-                f"{type(schedule).__name__}; start the grid below it (e.g. timesteps(schedule, n, t_start=0.999))"
-            )
-        return w
+        g2, dt = schedule.g2(grid[:-1]).tolist(), (grid[1:] - grid[:-1]).tolist()
+        weights = [self.scale * kappa * g * abs(h) for g, h in zip(g2, dt)]
+        for t, w in zip(grid.tolist(), weights):
+            if not math.isfinite(w):
+                raise ValueError(
+                    f"rule='score' weights the guidance by g(t)^2, which is infinite at t={t} for "
+                    f"{type(schedule).__name__}; start the grid below it (e.g. timesteps(schedule, n, t_start=0.999))"
+                )
+        return weights
 
     def _guide_norm(self, objective, x0: Tensor, loss: Tensor) -> Tensor:
         if self.rule == "score":
@@ -133,33 +137,34 @@ class DPS:
         check_run_inputs(denoiser, objective, x_init, cond)
         timer, counter = Timer(), Counter()
         grid = sampling_grid(denoiser, self.steps, self.grid)
-        model = ModelCall(CountedDenoiser(denoiser, counter), cond)
+        times = grid.tolist()
+        # the loop checks its own updates (mon.finite): the model's record is not kept
+        model = ModelCall(CountedDenoiser(denoiser, counter), cond, check_finite=False)
         solver, noise = self.solver, resolve_noise(self.solver, self.noise, x_init, grid)
         bound = solver.plan(denoiser.schedule, grid).bind(denoiser, x_init)
-        weights = [self._weight(denoiser.schedule, grid[i], grid[i + 1]) for i in range(len(grid) - 1)]
+        weights = self._weights(denoiser.schedule, grid)
 
         mon = RunMonitor("DPS", len(grid) - 1, callback=self.callback, progress=self.progress)
         with mon:
             with torch.no_grad():
                 state = solver.init(model, x_init.detach(), grid)
             for i in range(len(grid) - 1):
-                t, at = grid[i], bound.evals[i]
+                t, at, where = grid[i], bound.evals[i], f"at step {i} (t={times[i]:.6g})"
                 x = state.x.detach().requires_grad_(True)
                 with torch.enable_grad():
                     pred = model(x, at)
                     x0 = pred.x0
-                    loss = evaluate_objective(objective, x0, t, where=f"at step {i} (t={float(t):.6g})")
+                    loss = evaluate_objective(objective, x0, t, where=where, witnesses=mon.finite, step=i,
+                                              t_host=times[i])
                     (g,) = torch.autograd.grad(self._guide_norm(objective, x0, loss).sum(), x)
                 xd = x.detach()
                 with torch.no_grad():
-                    dw = noise(grid[i], grid[i + 1]).to(xd) if noise is not None else None
+                    dw = noise(times[i], times[i + 1]).to(xd) if noise is not None else None
                     new = solver.step(_ReuseFirstCall(model, xd, at, pred), State(xd, state.history), bound.rows[i], dw)
                     x_next = new.x - weights[i] * g
-                if not bool(torch.isfinite(x_next).all()):
-                    raise NonFiniteError(f"the DPS update produced NaN/Inf at step {i} (t={float(t):.6g}); "
-                                         "try a smaller scale", step=i, t=float(t))
+                mon.finite.add(x_next, f"the DPS update produced NaN/Inf {where}; try a smaller scale", i, times[i])
                 state = new.with_x(x_next)
-                if mon.record(i, loss, x0, t=t):
+                if mon.record(i, loss, x0, t=times[i]):
                     break
         x_final, losses = mon.sampler_end(state.x, x_init, objective, grid[-1])
         return GuidanceResult(x_final, x_init.detach(), losses, counter.nfe, counter.vjps,

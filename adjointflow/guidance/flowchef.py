@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..driver import ModelCall
-from ..errors import NonFiniteError
+from ..plan import Plan
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_nonneg_float,
                    check_positive_int, check_progress, check_run_inputs, evaluate_objective, sampling_grid,
                    step_scale)
@@ -34,10 +34,6 @@ __all__ = ["FlowChef"]
 OPTIMIZERS = ("sgd", "adam")
 #: the step size each optimizer gets when ``lr`` is not given
 DEFAULT_LR = {"sgd": 0.5, "adam": 0.02}
-
-
-def _coeff(v, like):
-    return v.to(dtype=like.dtype, device=like.device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,7 +94,8 @@ class FlowChef:
         check_progress(self.progress)
         check_callback(self.callback)
 
-    def _descend(self, objective, x: Tensor, x0: Tensor, c: Tensor, t, i: int, scale: float):
+    def _descend(self, objective, x: Tensor, x0: Tensor, c: Tensor, t, i: int, scale: float, mon: RunMonitor,
+                 t_host: float):
         """``iterations`` optimiser steps on ``x_t``; returns the new ``x_t`` and the first loss."""
         b1, b2 = self.betas
         lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
@@ -107,7 +104,8 @@ class FlowChef:
         for k in range(1, self.iterations + 1):
             leaf = x0.detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = evaluate_objective(objective, leaf, t, where=f"at step {i} (t={float(t):.6g})")
+                loss = evaluate_objective(objective, leaf, t, where=f"at step {i} (t={t_host:.6g})",
+                                          witnesses=mon.finite, step=i, t_host=t_host)
                 (g,) = torch.autograd.grad(loss.sum(), leaf)
             first = loss.detach() if first is None else first
             if self.optimizer == "sgd":
@@ -125,33 +123,36 @@ class FlowChef:
         check_run_inputs(denoiser, objective, x_init, cond)
         timer, counter = Timer(), Counter()
         grid = sampling_grid(denoiser, self.steps, self.grid)
-        model = ModelCall(CountedDenoiser(denoiser, counter), cond)
+        # the loop checks its own updates (mon.finite): the model's record is not kept
+        model = ModelCall(CountedDenoiser(denoiser, counter), cond, check_finite=False)
         sch, scale = denoiser.schedule, step_scale(objective)
         x = x_init.detach()
+        plan = Plan(sch, grid)
+        times, evals = plan.times, plan.bind(model.denoiser, x).evals
+        # per grid time, in the state's dtype on its device (computed once): d x0_hat / d x_t with u frozen,
+        # from x = a x0 + s eps and u = a' x0 + s' eps; and the step lengths
+        a, s, da, ds = (v.to(dtype=x.dtype, device=x.device) for v in
+                        (sch.alpha(grid), sch.sigma(grid), sch.dalpha_dt(grid), sch.dsigma_dt(grid)))
+        cs = ds / (a * ds - s * da)
+        hs = (grid[1:] - grid[:-1]).to(dtype=x.dtype, device=x.device)
         mon = RunMonitor("FlowChef", len(grid) - 1, callback=self.callback, progress=self.progress)
         with mon:
             for i in range(len(grid) - 1):
-                t, t_next = grid[i], grid[i + 1]
-                model.step = i
+                t, where = grid[i], f"at step {i} (t={times[i]:.6g})"
                 with torch.no_grad():
-                    pred = model(x, t)
+                    pred = model(x, evals[i])
                     u = pred.velocity
                 x0 = pred.x0.detach()
-                if self.window[0] <= float(t) <= self.window[1]:
-                    a, s = _coeff(sch.alpha(t), x), _coeff(sch.sigma(t), x)
-                    da, ds = _coeff(sch.dalpha_dt(t), x), _coeff(sch.dsigma_dt(t), x)
-                    # d x0_hat / d x_t with u frozen, from x = a x0 + s eps and u = a' x0 + s' eps
-                    c = ds / (a * ds - s * da)
-                    x, loss = self._descend(objective, x, x0, c, t, i, scale)
+                if self.window[0] <= times[i] <= self.window[1]:
+                    x, loss = self._descend(objective, x, x0, cs[i], t, i, scale, mon, times[i])
                 else:
                     with torch.no_grad():
-                        loss = evaluate_objective(objective, x0, t, where=f"at step {i} (t={float(t):.6g})")
+                        loss = evaluate_objective(objective, x0, t, where=where, witnesses=mon.finite, step=i,
+                                                  t_host=times[i])
                 with torch.no_grad():
-                    x = x + _coeff(t_next - t, x) * u
-                if not bool(torch.isfinite(x).all()):
-                    raise NonFiniteError(f"the FlowChef update produced NaN/Inf at step {i} (t={float(t):.6g}); "
-                                         "try a smaller lr", step=i, t=float(t))
-                if mon.record(i, loss, x0, t=t):
+                    x = x + hs[i] * u
+                mon.finite.add(x, f"the FlowChef update produced NaN/Inf {where}; try a smaller lr", i, times[i])
+                if mon.record(i, loss, x0, t=times[i]):
                     break
         x, losses = mon.sampler_end(x, x_init, objective, grid[-1])
         return GuidanceResult(x, x_init.detach(), losses, counter.nfe, counter.vjps, timer.seconds, cond,

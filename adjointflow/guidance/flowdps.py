@@ -29,8 +29,9 @@ from .stepwise import Step, StepwiseSampler, check_fraction
 __all__ = ["FlowDPS"]
 
 
-def residual_norm(objective, x0, t, where):
-    loss = evaluate_objective(objective, x0, t, where=where)
+def residual_norm(objective, x0, step: Step):
+    loss = evaluate_objective(objective, x0, step.t, where=step.where(), witnesses=step.witnesses, step=step.i,
+                              t_host=step.host.t)
     if hasattr(objective, "residual_norm"):
         return objective.residual_norm(x0)
     return torch.sqrt(loss.clamp_min(torch.finfo(loss.dtype).tiny))
@@ -72,16 +73,17 @@ class FlowDPS(StepwiseSampler):
 
     def _update(self, objective, step: Step, x):
         with torch.no_grad():
-            pred = step.model(x, step.t)
+            pred = step.model(x, step.at)
             x0, eps = pred.x0, pred.eps
         x0_y = x0
         for _ in range(self.iterations):
             leaf = x0_y.detach().requires_grad_(True)
             with torch.enable_grad():
-                (g,) = torch.autograd.grad(residual_norm(objective, leaf, step.t, step.where()).sum(), leaf)
+                (g,) = torch.autograd.grad(residual_norm(objective, leaf, step).sum(), leaf)
             x0_y = x0_y - self.lr * g
-        tau = float(step.sigma / (step.alpha + step.sigma))
-        tau_next = float(step.sigma_next / (step.alpha_next + step.sigma_next))
+        h = step.host
+        tau = h.sigma / (h.alpha + h.sigma)
+        tau_next = h.sigma_next / (h.alpha_next + h.sigma_next)
         with torch.no_grad():
             x0_tilde = x0 + tau * (x0_y - x0)
             eta = math.sqrt(self.stochasticity * (1.0 - tau_next))

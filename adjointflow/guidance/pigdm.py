@@ -75,14 +75,14 @@ class PiGDM(StepwiseSampler):
 
     def _corrected(self, m: SpectralMeasurement, step: Step, x):
         """``(x0_hat, x0_tilde)`` at ``(x, step.t)``: one NFE, one VJP where guided."""
-        a, sg = step.alpha, step.sigma
-        guided = bool(a > 0) and self.scale > 0
+        a, sg, h = step.alpha, step.sigma, step.host
+        guided = h.alpha > 0 and self.scale > 0
         xg = x.detach().requires_grad_(guided)
         with torch.set_grad_enabled(guided):
-            x0 = step.model(xg, step.t).x0
+            x0 = step.model(xg, step.at).x0
         x0_tilde = x0.detach()
         if guided:
-            r2 = tweedie_variance(float((sg / a) ** 2), self.data_variance)
+            r2 = tweedie_variance((h.sigma / h.alpha) ** 2, self.data_variance)
             (g,) = torch.autograd.grad(x0, xg, grad_outputs=m.gain(x0_tilde, r2))
             x0_tilde = x0_tilde + self.scale * (sg * sg / a) * g
         return x0.detach(), x0_tilde

@@ -26,18 +26,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..driver import ModelCall
-from ..errors import NonFiniteError
 from ..grids import timesteps
+from ..models import EvalPoint
+from ..plan import Plan
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_positive_int,
                    check_progress, check_run_inputs, evaluate_objective, sampling_grid)
+from .witnesses import Witnesses
 
-__all__ = ["StepwiseSampler", "Step", "check_fraction", "tweedie_variance", "stop_grid"]
+__all__ = ["StepwiseSampler", "Step", "HostValues", "check_fraction", "tweedie_variance", "stop_grid"]
 
 
 def check_fraction(name: str, v) -> None:
@@ -87,20 +89,37 @@ def check_variance(v) -> None:
         raise ValueError(f"data_variance must be a number > 0 (inf allowed), got {v!r}")
 
 
+class HostValues(NamedTuple):
+    """A step's times and schedule values as Python floats (float64, planned once per run): what a method
+    decides on the host (``alpha > 0``, ``rho^2``) without reading the device."""
+
+    t: float
+    t_next: float
+    alpha: float
+    sigma: float
+    alpha_next: float
+    sigma_next: float
+
+
 @dataclass(frozen=True)
 class Step:
-    """One step ``t -> t_next`` of the loop: the model, the schedule's values at both times (in the
-    state's dtype) and the run's noise generator."""
+    """One step ``t -> t_next`` of the loop: the model and its evaluation point ``at`` (planned network
+    time and conversions), the grid times (0-dim tensors, the objective's ``t``), the schedule's values at
+    both times (in the state's dtype, on its device), the same values on the host (``host``), the run's
+    noise generator and its deferred NaN/Inf checks (``witnesses``)."""
 
     model: ModelCall
     i: int
     t: Tensor
     t_next: Tensor
+    at: EvalPoint
     alpha: Tensor
     sigma: Tensor
     alpha_next: Tensor
     sigma_next: Tensor
+    host: HostValues
     generator: torch.Generator
+    witnesses: Witnesses
 
     def noise(self, like: Tensor) -> Tensor:
         """Fresh ``N(0, I)`` noise shaped like ``like`` from the run's seeded generator."""
@@ -114,7 +133,7 @@ class Step:
         return out
 
     def where(self) -> str:
-        return f"at step {self.i} (t={float(self.t):.6g})"
+        return f"at step {self.i} (t={self.host.t:.6g})"
 
 
 class StepwiseSampler:
@@ -133,6 +152,11 @@ class StepwiseSampler:
     def _grid(self, ctx, denoiser, grid: Tensor) -> Tensor:
         """The grid the run uses (a method may move a point onto a time it needs)."""
         return grid
+
+    def _plan(self, ctx, alphas: Tensor, sigmas: Tensor) -> Any:
+        """The context with what depends only on the grid added, computed once per run (``alphas``,
+        ``sigmas``: the schedule at the grid's times, in the state's dtype and device)."""
+        return ctx
 
     def _update(self, ctx, step: Step, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         """One step from ``x`` at ``step.t``: returns ``(x_next, x0_hat)`` (the clean estimate is recorded)."""
@@ -175,29 +199,34 @@ class StepwiseSampler:
         ctx = self._prepare(denoiser, objective, x)
         grid = self._grid(ctx, denoiser, self._full_grid(denoiser))
         updates = len(grid) - 1  # then, with stop, one evaluation at grid[-1] for the estimate
-        model = ModelCall(CountedDenoiser(denoiser, counter), cond)
+        # the guidance loop checks its own updates (Witnesses): the model's record is not kept
+        model = ModelCall(CountedDenoiser(denoiser, counter), cond, check_finite=False)
         sch = denoiser.schedule
+        plan = Plan(sch, grid)  # float64 schedule values on the host, once
+        evals = plan.bind(model.denoiser, x).evals  # network times and conversions, one copy to the device
         alphas = sch.alpha(grid).to(dtype=x.dtype, device=x.device)
         sigmas = sch.sigma(grid).to(dtype=x.dtype, device=x.device)
+        ctx = self._plan(ctx, alphas, sigmas)
+        host = list(zip(plan.times, plan.nodes.alpha.tolist(), plan.nodes.sigma.tolist()))
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
         total = updates + (self.stop is not None)
         mon = RunMonitor(self.label, total, callback=self.callback, progress=self.progress)
         with mon:
             for i in range(total):
-                model.step = i
                 j = min(i + 1, updates)
-                step = Step(model, i, grid[i], grid[j], alphas[i], sigmas[i], alphas[j], sigmas[j], gen)
+                (t, a, s), (t_next, a_next, s_next) = host[i], host[j]
+                step = Step(model, i, grid[i], grid[j], evals[i], alphas[i], sigmas[i], alphas[j], sigmas[j],
+                            HostValues(t, t_next, a, s, a_next, s_next), gen, mon.finite)
                 if i < updates:
                     x, x0 = self._update(ctx, step, x)
                 else:
                     x = x0 = self._estimate(ctx, step, x)
                 x = x.detach()
-                if not bool(torch.isfinite(x).all()):
-                    raise NonFiniteError(f"the {self.label} update produced NaN/Inf {step.where()}",
-                                         step=i, t=float(step.t))
+                mon.finite.add(x, f"the {self.label} update produced NaN/Inf {step.where()}", i, t)
                 with torch.no_grad():
-                    loss = evaluate_objective(objective, x0.detach(), step.t, where=step.where())
-                if mon.record(i, loss, x0, t=step.t):
+                    loss = evaluate_objective(objective, x0.detach(), step.t, where=step.where(),
+                                              witnesses=mon.finite, step=i, t_host=t)
+                if mon.record(i, loss, x0, t=t):
                     break
         x, losses = mon.sampler_end(x, x_init, objective, grid[-1])
         return GuidanceResult(x, x_init.detach(), losses, counter.nfe, counter.vjps, timer.seconds, cond,
