@@ -28,6 +28,7 @@ from ..plan import Plan
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_nonneg_float,
                    check_positive_int, check_progress, check_run_inputs, evaluate_objective, sampling_grid,
                    step_scale)
+from .witnesses import Witnesses
 
 __all__ = ["FlowChef"]
 
@@ -94,8 +95,8 @@ class FlowChef:
         check_progress(self.progress)
         check_callback(self.callback)
 
-    def _descend(self, objective, x: Tensor, x0: Tensor, c: Tensor, t, i: int, scale: float, mon: RunMonitor,
-                 t_host: float):
+    def _descend(self, objective, x: Tensor, x0: Tensor, c: Tensor, t, i: int, scale: float,
+                 witnesses: Witnesses, t_host: float):
         """``iterations`` optimiser steps on ``x_t``; returns the new ``x_t`` and the first loss."""
         b1, b2 = self.betas
         lr = DEFAULT_LR[self.optimizer] if self.lr is None else self.lr
@@ -105,7 +106,7 @@ class FlowChef:
             leaf = x0.detach().requires_grad_(True)
             with torch.enable_grad():
                 loss = evaluate_objective(objective, leaf, t, where=f"at step {i} (t={t_host:.6g})",
-                                          witnesses=mon.finite, step=i, t_host=t_host)
+                                          witnesses=witnesses, step=i, t_host=t_host)
                 (g,) = torch.autograd.grad(loss.sum(), leaf)
             first = loss.detach() if first is None else first
             if self.optimizer == "sgd":
@@ -144,7 +145,7 @@ class FlowChef:
                     u = pred.velocity
                 x0 = pred.x0.detach()
                 if self.window[0] <= times[i] <= self.window[1]:
-                    x, loss = self._descend(objective, x, x0, cs[i], t, i, scale, mon, times[i])
+                    x, loss = self._descend(objective, x, x0, cs[i], t, i, scale, mon.finite, times[i])
                 else:
                     with torch.no_grad():
                         loss = evaluate_objective(objective, x0, t, where=where, witnesses=mon.finite, step=i,
