@@ -357,8 +357,6 @@ def test_gradient_work_precision_vs_torchdiffeq(benchmark):
 def measure_keep_curve(n=20, rounds=41, h=H):
     """Per gradient (latent + parameters), N = n: median over round-robin rounds of each variant's process CPU
     time / Backprop's in the same round, and the peak live tensor bytes of one forward + backward."""
-    import gc
-    import os
     import statistics
 
     net, den, x, w = setup(h)
@@ -385,6 +383,18 @@ def measure_keep_curve(n=20, rounds=41, h=H):
             out = fn()
             del out
         peak[name] = m.peak
+    times, load = round_robin(variants, rounds)
+    ratio = {k: statistics.median(a / b for a, b in zip(v, times["Backprop"])) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return ks, ratio, med, peak, load
+
+
+def round_robin(variants: dict, rounds: int):
+    """Process CPU time of each variant, ``rounds`` round-robin rounds (garbage collected before each call,
+    collection off during it); returns ``({name: [seconds]}, [load average before, after])``."""
+    import gc
+    import os
+
     times = {k: [] for k in variants}
     load = [os.getloadavg()[0]]
     for _ in range(rounds):
@@ -398,9 +408,7 @@ def measure_keep_curve(n=20, rounds=41, h=H):
             finally:
                 gc.enable()
     load.append(os.getloadavg()[0])
-    ratio = {k: statistics.median(a / b for a, b in zip(v, times["Backprop"])) for k, v in times.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return ks, ratio, med, peak, load
+    return times, load
 
 
 def test_checkpoint_keep_curve(benchmark):
@@ -440,8 +448,6 @@ def test_checkpoint_vs_backprop(benchmark):
     two alternate, as a user's repeated gradients would run. Also reported: the floor of any checkpoint that
     re-runs each dropped step once, 1 + (N - 1)/N * F/(F + B), from the forward with its graph measured in the same
     rotation."""
-    import gc
-    import os
     import statistics
 
     n, rounds = 20, 41
@@ -450,21 +456,9 @@ def test_checkpoint_vs_backprop(benchmark):
                 "Checkpoint()": lambda: gradient(den, net, x, w, n, Checkpoint()),
                 "forward recording the graph": lambda: af.solve(den, x.clone().requires_grad_(True),
                                                                  af.timesteps(den.schedule, n), SOLVER).x}
-    times = {k: [] for k in variants}
     for fn in variants.values():
         fn()
-    load = [os.getloadavg()[0]]
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            gc.collect()
-            gc.disable()
-            try:
-                t0 = time.process_time()
-                fn()
-                times[name].append(time.process_time() - t0)
-            finally:
-                gc.enable()
-    load.append(os.getloadavg()[0])
+    times, load = round_robin(variants, rounds)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     ratio = {k: statistics.median(a / b for a, b in zip(v, times["Backprop"])) for k, v in times.items()}
     floor = 1 + ratio["forward recording the graph"] * (n - 1) / n
