@@ -11,11 +11,29 @@ import torch
 import adjointflow as af
 import adjointflow.guidance.base as guidance_base
 from adjointflow.errors import NonFiniteError
-from adjointflow.guidance import (DDRM, DPS, DiffPIR, FlowChef, FlowDPS, Inpaint, LanPaint, MeasurementLoss,
-                                  PiGDM)
+from torch.overrides import TorchFunctionMode
+
+from adjointflow.guidance import (DDRM, DPS, DiffPIR, Downsample, FlowChef, FlowDPS, GaussianBlur, Inpaint, LanPaint,
+                                  MatrixOperator, MeasurementLoss, PiGDM)
 from adjointflow.testing import GaussianData
 
 from test_syncs import Syncs
+
+#: Python-level reads of a tensor on the host; on CPU ``.cpu()``/``.tolist()``/``.numpy()`` do not dispatch to the
+#: ops ``Syncs`` counts, so they are counted here too
+HOST_READS = {torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.item, torch.Tensor.__bool__,
+              torch.Tensor.__float__, torch.Tensor.__int__}
+
+
+class HostReads(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
 
 D = torch.float64
 PATHS = {"vp": (af.VPLinear(), "eps"), "flow": (af.LinearFlow(), "velocity")}
@@ -31,44 +49,88 @@ METHODS = {
 }
 
 
-def problem(path):
+def _inpaint():
+    mask = torch.ones(1, 4, 4, dtype=D)
+    mask[..., ::2] = 0
+    return Inpaint(mask)
+
+
+#: operators with a closed-form SVD (what DDRM/PiGDM/DiffPIR use), on samples of shape (1, 4, 4)
+OPERATORS = {"Inpaint": _inpaint, "Downsample": lambda: Downsample(2), "GaussianBlur": lambda: GaussianBlur(1.0, 3),
+             "MatrixOperator": lambda: MatrixOperator(torch.randn(6, 16, generator=torch.Generator().manual_seed(1),
+                                                                  dtype=D), input_shape=(1, 4, 4))}
+
+
+def problem(path, operator=None):
+    """8-D Gaussian data and an Inpaint of every other entry, or, with ``operator``, 1x4x4 samples and that
+    operator (of ``OPERATORS``)."""
     schedule, prediction = PATHS[path]
-    data = GaussianData(torch.zeros(8, dtype=D), torch.full((8,), 0.5, dtype=D))
-    mask = torch.ones(8, dtype=D)
-    mask[::2] = 0
+    shape = (8,) if operator is None else (1, 4, 4)
+    data = GaussianData(torch.zeros(shape, dtype=D), torch.full(shape, 0.5, dtype=D))
     g = torch.Generator().manual_seed(0)
-    op = Inpaint(mask)
-    obj = MeasurementLoss(op, op(0.5 * torch.randn(2, 8, generator=g, dtype=D)), sigma=0.1)
-    return data.denoiser(schedule, prediction), obj, torch.randn(2, 8, generator=g, dtype=D)
+    if operator is None:
+        mask = torch.ones(8, dtype=D)
+        mask[::2] = 0
+        op = Inpaint(mask)
+    else:
+        op = OPERATORS[operator]()
+    obj = MeasurementLoss(op, op(0.5 * torch.randn(2, *shape, generator=g, dtype=D)), sigma=0.1)
+    return data.denoiser(schedule, prediction), obj, torch.randn(2, *shape, generator=g, dtype=D)
 
 
-def syncs(method, path, steps, **kw):
-    den, obj, x = problem(path)
+def syncs(method, path, steps, operator=None, **kw):
+    """(syncs, host reads) of one run."""
+    den, obj, x = problem(path, operator)
     if method == "DPS-score-Euler" and path == "flow":
         kw["grid"] = af.timesteps(den.schedule, steps, t_start=0.999)  # g^2 is infinite at t = 1
-    with Syncs() as c:
+    with Syncs() as c, HostReads() as r:
         res = METHODS[method](steps=steps, **kw).run(den, obj, x)
     assert res.losses.shape[0] >= steps and bool(torch.isfinite(res.losses).all())
-    return c.n
+    return c.n, r.n
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("method", list(METHODS))
 def test_sync_count_does_not_grow_with_steps(method, path):
     counts = [syncs(method, path, n, progress=False) for n in (10, 40)]
-    assert counts[0] == counts[1], f"{method} on {path}: {counts[0]} syncs at 10 steps, {counts[1]} at 40"
+    assert counts[0] == counts[1], f"{method} on {path}: (syncs, host reads) {counts[0]} at 10 steps, {counts[1]} at 40"
+
+
+@pytest.mark.parametrize("operator", list(OPERATORS))
+@pytest.mark.parametrize("method", ["DPS", "DDRM", "PiGDM", "DiffPIR"])
+def test_sync_count_does_not_grow_with_steps_for_every_svd_operator(method, operator):
+    counts = [syncs(method, "vp", n, operator, progress=False) for n in (10, 40)]
+    assert counts[0] == counts[1], f"{method} with {operator}: {counts[0]} at 10 steps, {counts[1]} at 40"
+
+
+def test_operator_constants_are_made_once_per_dtype_and_device():
+    """What a step reads from an operator is cast to the sample's dtype/device once, not at every call (on a GPU
+    a host-to-device copy per step synchronises; the CPU counters above cannot see it)."""
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float32)
+    inp, down, blur, mat = (OPERATORS[k]() for k in OPERATORS)
+    assert inp._m(x) is inp._m(x)
+    assert down._householder(x) is down._householder(x)
+    assert blur.transfer((4, 4), x.dtype, x.device) is blur.transfer((4, 4), x.dtype, x.device)
+    assert mat._factors(x) is mat._factors(x)
+    loss = MeasurementLoss(mat, mat(x.double()), sigma=0.1)
+    assert loss._y_like(mat(x)) is loss._y_like(mat(x))
+    # the operator and the loss keep their own copies: changing the caller's tensors later changes nothing
+    m = torch.ones(1, 4, 4, dtype=D)
+    op = Inpaint(m)
+    m.zero_()
+    assert bool((op.mask == 1).all())
 
 
 @pytest.mark.parametrize("method", ["DPS", "DDRM"])
 def test_progress_bar_reads_the_loss_only_while_shown_and_rarely(method, monkeypatch, capsys):
     # the default bar, not shown yet (a run shorter than its delay): nothing read for it
     monkeypatch.setattr(guidance_base, "PROGRESS_DELAY_S", 1e9)
-    off = [syncs(method, "vp", n, progress=False) for n in (10, 40)]
-    assert [syncs(method, "vp", n) for n in (10, 40)] == off
+    off = [syncs(method, "vp", n, progress=False)[0] for n in (10, 40)]
+    assert [syncs(method, "vp", n)[0] for n in (10, 40)] == off
     assert capsys.readouterr().err == ""
     # a bar on screen: the postfix reads the loss once per POSTFIX_INTERVAL_S (here: once per run)
     monkeypatch.setattr(guidance_base, "POSTFIX_INTERVAL_S", 1e9)
-    assert [syncs(method, "vp", n, progress=True) for n in (10, 40)] == [off[0] + 1] * 2
+    assert [syncs(method, "vp", n, progress=True)[0] for n in (10, 40)] == [off[0] + 1] * 2
     assert method in capsys.readouterr().err
 
 
@@ -113,19 +175,21 @@ def test_dps_update_nan_names_its_step_and_time():
     assert e.value.step == 6 and e.value.t == times[6]
 
 
-@pytest.mark.parametrize("method", ["DPS", "FlowChef", "FlowDPS"])
+@pytest.mark.parametrize("method", ["DPS", "FlowChef", "FlowDPS", "DDRM"])
 def test_objective_nan_names_its_step_and_time(method):
-    den, _, x = problem("flow")
+    den, obj, x = problem("flow")
     times = af.timesteps(den.schedule, 10).tolist()
 
-    class Bad:
+    class Bad(MeasurementLoss):  # a measurement loss (DDRM needs its operator), NaN from step 3 on
         time_dependent = True
 
-        def __call__(self, x0, t):  # NaN from step 3 on (t is a grid time)
-            return (x0**2).sum(1) * torch.where(t < times[2] - 1e-9, math.nan, 1.0)
+        def __call__(self, x0, t=None):  # t: a grid time (None: the run's input check and its final estimate)
+            loss = super().__call__(x0)
+            return loss if t is None else loss * torch.where(t < times[2] - 1e-9, math.nan, 1.0)
 
+    bad = Bad(obj.operator, obj.y, obj.sigma)
     with pytest.raises(NonFiniteError, match=rf"the objective returned NaN/Inf at step 3 \(t={times[3]:.6g}\)") as e:
-        METHODS[method](steps=10, progress=False).run(den, Bad(), x)
+        METHODS[method](steps=10, progress=False).run(den, bad, x)
     assert e.value.step == 3 and e.value.t == times[3]
 
 

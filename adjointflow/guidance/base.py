@@ -18,9 +18,11 @@ samplers the latest clean estimate. :class:`RunMonitor` implements this once for
 Host synchronisation: a sampler's loop reads nothing on the host. Losses stay on the device until the
 run ends; NaN/Inf checks keep witnesses (:class:`~adjointflow.guidance.witnesses.Witnesses`) checked once
 at the end (the error still names the first bad step and its time); times and schedule values are host
-floats planned once. A ``callback`` costs one sync per step (it gets the loss on the host, and the
-checks run before it sees the step), and a displayed progress bar reads the loss for its postfix at most
-every :data:`POSTFIX_INTERVAL_S` seconds (a delayed bar not yet shown reads nothing).
+floats planned once. A ``callback`` costs two host reads per step (the pending checks run before it sees the
+step, then it gets the loss on the host), and a displayed progress bar reads the loss for its postfix at most
+every :data:`POSTFIX_INTERVAL_S` seconds (a delayed bar not yet shown reads nothing). So a NaN/Inf no longer
+stops a run at its step: the run goes on (spending its remaining evaluations on NaN) and raises at its end,
+naming the first bad step and time; a callback (even ``callback=lambda step: None``) stops it at that step.
 """
 from __future__ import annotations
 
@@ -156,10 +158,11 @@ class RunMonitor:
         if exc_type is None or issubclass(exc_type, Exception):
             self.finite.check()  # a NaN/Inf at an earlier step is raised as it would have been there
             return False
-        if issubclass(exc_type, KeyboardInterrupt) and self._x0 is not None:
-            self.finite.check()
-            self.interrupted = True
-            return True  # the run returns what it has
+        if issubclass(exc_type, KeyboardInterrupt):
+            self.finite.check()  # a NaN/Inf already made is reported, as for any other way out
+            if self._x0 is not None:
+                self.interrupted = True
+                return True  # the run returns what it has
         return False
 
     def record(self, iteration: int, loss: Tensor, x0: Tensor, *, t=None, latent: Tensor | None = None,

@@ -76,7 +76,8 @@ class DiffPIR(StepwiseSampler):
         h = step.host
         with torch.no_grad():
             x0 = step.model(x, step.at).x0
-            rho2 = (h.sigma / h.alpha) ** 2 if h.alpha > 0 else math.inf
+            r = h.sigma / h.alpha if h.alpha > 0 else math.inf
+            rho2 = r * r  # a product overflows to inf where ** raises OverflowError
             return x0, m.prox(x0, self.lam * m.sigma**2 / tweedie_variance(rho2, self.data_variance))
 
     def _update(self, m: SpectralMeasurement, step: Step, x):

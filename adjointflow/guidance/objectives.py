@@ -90,6 +90,16 @@ class Operator:
         """``U c``: the spectral entries that carry a singular value -> measurements ``(batch, *out)``."""
         raise NotImplementedError(_no_svd(self))
 
+    def _const(self, key, make) -> Tensor:
+        """A constant of this operator (mask, transfer function, SVD factors...) on one dtype and device, made
+        on first use: building or copying it at every call would be a host-to-device copy per step, which
+        synchronises on a GPU. Operators are immutable (they keep their own copies), so it never goes stale."""
+        cache = self.__dict__.setdefault("_consts", {})
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = make()
+        return value
+
     # subclasses
     def _check_input(self, x: Tensor) -> None:
         pass
@@ -139,7 +149,7 @@ class Inpaint(Operator):
             m = torch.as_tensor(m)
         if m.ndim == 0:
             raise ValueError("mask must have at least one dimension (one sample's shape)")
-        mf = m.to(torch.float64)
+        mf = m.detach().to(torch.float64, copy=True)  # its own copy: constants made from it are cached
         if not bool(((mf == 0) | (mf == 1)).all()):
             raise ValueError("mask must be binary (0 = missing, 1 = observed)")
         object.__setattr__(self, "mask", mf)
@@ -157,7 +167,7 @@ class Inpaint(Operator):
             )
 
     def _m(self, x):
-        return self.mask.to(dtype=x.dtype, device=x.device)
+        return self._const(("mask", x.dtype, x.device), lambda: self.mask.to(dtype=x.dtype, device=x.device))
 
     def _forward(self, x):
         return self._m(x) * x
@@ -235,12 +245,15 @@ class Downsample(Operator):
     has_svd: ClassVar[bool] = True
 
     def _householder(self, like: Tensor) -> Tensor:
+        return self._const(("H", like.dtype, like.device), lambda: self._make_householder(like))
+
+    def _make_householder(self, like: Tensor) -> Tensor:
         n = self.factor**self.dims
         h = torch.full((n,), n**-0.5, dtype=torch.float64)
         w = h.clone()
         w[0] -= 1.0
         H = torch.eye(n, dtype=torch.float64)
-        if float(w @ w) > 0:
+        if n > 1:  # w.w = 2 - 2/sqrt(n): zero only for n = 1, where H = I
             H = H - 2.0 * torch.outer(w, w) / (w @ w)
         return H.to(dtype=like.dtype, device=like.device)
 
@@ -339,6 +352,11 @@ class GaussianBlur(Operator):
 
     def transfer(self, spatial: tuple[int, ...], dtype=torch.float64, device=None) -> Tensor:
         """The transfer function ``K`` on the FFT grid of ``spatial`` (real, separable)."""
+        spatial = tuple(spatial)
+        return self._const(("K", spatial, dtype, torch.device(device) if device is not None else None),
+                           lambda: self._make_transfer(spatial, dtype, device))
+
+    def _make_transfer(self, spatial, dtype, device) -> Tensor:
         K = None
         for k, n in enumerate(spatial):
             g = _gauss_1d(float(self.sigma), self.size, n, dtype, device)
@@ -449,7 +467,7 @@ class MatrixOperator(Operator):
         M = self.matrix
         if M is None:
             raise TypeError("MatrixOperator needs a 2-D matrix")
-        M = torch.as_tensor(M)
+        M = torch.as_tensor(M).detach().clone()  # its own copy: the casts of it are cached
         if M.ndim != 2 or not M.is_floating_point():
             raise ValueError(f"matrix must be a 2-D floating tensor, got shape {tuple(M.shape)}, dtype {M.dtype}")
         shape = (M.shape[1],) if self.input_shape is None else tuple(int(s) for s in self.input_shape)
@@ -465,8 +483,11 @@ class MatrixOperator(Operator):
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"MatrixOperator expects samples of shape {self.input_shape}, got {tuple(x.shape[1:])}")
 
+    def _matrix(self, like):
+        return self._const(("M", like.dtype, like.device), lambda: self.matrix.to(dtype=like.dtype, device=like.device))
+
     def _forward(self, x):
-        return x.reshape(x.shape[0], -1) @ self.matrix.to(dtype=x.dtype, device=x.device).T
+        return x.reshape(x.shape[0], -1) @ self._matrix(x).T
 
     def _check_y(self, y):
         _check_x(y, "y")
@@ -475,17 +496,19 @@ class MatrixOperator(Operator):
 
     def transpose(self, y):
         self._check_y(y)
-        return (y @ self.matrix.to(dtype=y.dtype, device=y.device)).reshape(y.shape[0], *self.input_shape)
+        return (y @ self._matrix(y)).reshape(y.shape[0], *self.input_shape)
 
     def pinv(self, y):
         self._check_y(y)
-        return (y @ self._pinv.to(dtype=y.dtype, device=y.device).T).reshape(y.shape[0], *self.input_shape)
+        pinv = self._const(("pinv", y.dtype, y.device), lambda: self._pinv.to(dtype=y.dtype, device=y.device))
+        return (y @ pinv.T).reshape(y.shape[0], *self.input_shape)
 
     # the dense SVD M = U diag(S) V^T; spectral layout (n,), singular values first, zero-padded
     has_svd: ClassVar[bool] = True
 
     def _factors(self, like):
-        return tuple(a.to(dtype=like.dtype, device=like.device) for a in self._svd)
+        return self._const(("svd", like.dtype, like.device),
+                           lambda: tuple(a.to(dtype=like.dtype, device=like.device) for a in self._svd))
 
     def singular_values(self, x):
         _check_x(x)
@@ -552,13 +575,18 @@ class MeasurementLoss:
             raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
         if noise == "poisson" and bool((y < 0).any()):
             raise ValueError("Poisson measurements must be non-negative")
-        self.operator, self.y, self.sigma, self.noise = operator, y, float(sigma), noise
+        # its own copy of y, cast per dtype/device once (a copy per step would synchronise on a GPU)
+        self.operator, self.y, self.sigma, self.noise = operator, y.detach().clone(), float(sigma), noise
+        self._y_cast: dict = {}
 
     def __repr__(self):
         return f"MeasurementLoss({self.operator!r}, y.shape={tuple(self.y.shape)}, sigma={self.sigma}, noise={self.noise!r})"
 
     def _y_like(self, ax: Tensor) -> Tensor:
-        y = self.y.to(dtype=ax.dtype, device=ax.device)
+        key = (ax.dtype, ax.device)
+        y = self._y_cast.get(key)
+        if y is None:
+            y = self._y_cast[key] = self.y.to(dtype=ax.dtype, device=ax.device)
         if tuple(y.shape) == tuple(ax.shape):
             return y
         if tuple(y.shape) == tuple(ax.shape[1:]):

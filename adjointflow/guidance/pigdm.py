@@ -75,16 +75,19 @@ class PiGDM(StepwiseSampler):
 
     def _corrected(self, m: SpectralMeasurement, step: Step, x):
         """``(x0_hat, x0_tilde)`` at ``(x, step.t)``: one NFE, one VJP where guided."""
-        a, sg, h = step.alpha, step.sigma, step.host
+        h = step.host
         guided = h.alpha > 0 and self.scale > 0
         xg = x.detach().requires_grad_(guided)
         with torch.set_grad_enabled(guided):
             x0 = step.model(xg, step.at).x0
         x0_tilde = x0.detach()
         if guided:
-            r2 = tweedie_variance((h.sigma / h.alpha) ** 2, self.data_variance)
+            r = h.sigma / h.alpha
+            r2 = tweedie_variance(r * r, self.data_variance)  # r * r overflows to inf where ** would raise
             (g,) = torch.autograd.grad(x0, xg, grad_outputs=m.gain(x0_tilde, r2))
-            x0_tilde = x0_tilde + self.scale * (sg * sg / a) * g
+            # sigma^2 / alpha from the same float64 host values as the guard above (alpha > 0 there may round
+            # to 0 in the state's dtype)
+            x0_tilde = x0_tilde + self.scale * (h.sigma * h.sigma / h.alpha) * g
         return x0.detach(), x0_tilde
 
     def _update(self, m: SpectralMeasurement, step: Step, x):
