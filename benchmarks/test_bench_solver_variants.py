@@ -41,6 +41,11 @@ on flows, and does another grid fix it without losing elsewhere? Candidates, all
 For each: the three checks of ``tests/test_no_cliffs.py`` on the 8-D Gaussian flow (every family, nothing
 excused), DDIM and the best multistep solver at N = 5, 10, 20, 50 against the default grid, and the full tables.
 
+``test_issue_vp_candidates``: other built-in and peer settings on the issue's problem at N = 5..50 (UniPC-3 bh1,
+logrho DEIS-3, DPM++(3M), diffusers' UniPC-3 in noise prediction), and a bespoke solver fitted to the problem's own
+model at NFE 10 and 20 (``fit_bespoke`` defaults but the training set: 512 standard-normal starts with their exact
+ends, ``GaussianData.flow_map``, 256 for validation) -- a per-model fitted solver, not a default setting.
+
 ``test_final_step_sigma2``: the last step of a uniform-t flow grid is long (``h ~ 2.4 .. 5`` in lambda after steps
 of ``~0.7``), so the ``lower_order_final=None`` policy takes it at first order, and on the 8-D Gaussian flow that
 step's own error is most of the final error at N >= 20. Near the data end, Tweedie's formula makes ``x0_hat``
@@ -62,7 +67,8 @@ from adjointflow import DDIM, DEIS, DPMSolverPP, LinearFlow, UniPC, solve, times
 from adjointflow.solvers.exponential import Steps, first_order_coefficients, moment_weights, multistep_orders
 from adjointflow.solvers.base import axpy
 from adjointflow.solvers.unipc import UniPCRow, _g, singular_start_correction
-from test_bench_solvers import RESULTS, cliff_problems, digits_problem, mixture_problems, reference, rms
+from test_bench_solvers import (RESULTS, cliff_problems, digits_problem, issue_problem, mixture_problems, reference,
+                                rms, run_peer)
 
 NS = [5, 6, 7, 8, 9, 10, 12, 15, 20, 25, 30, 40, 50]
 
@@ -461,5 +467,64 @@ def test_final_step_sigma2(benchmark):
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
     (RESULTS / "final_step_sigma2.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+def _exact_ground_truth(den, data, sch, n, dim, generator, t_start=1.0, t_end=1e-3):
+    """A bespoke training set of ``n`` standard-normal starts with their exact ends (the rmse loss reads only the
+    two ends)."""
+    from adjointflow.solvers.bespoke_train import GroundTruth
+
+    x0 = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        x1 = data.flow_map(sch, x0, torch.tensor(t_start, dtype=x0.dtype), torch.tensor(t_end, dtype=x0.dtype))
+        u = torch.stack([den(x0, t_start).velocity, den(x1, t_end).velocity])
+    return GroundTruth(torch.tensor([t_start, t_end], dtype=x0.dtype), torch.stack([x0, x1]), u)
+
+
+def test_issue_vp_candidates(benchmark):
+    import diffusers
+
+    from adjointflow import BespokeNSSolver, BespokeSolver
+    from adjointflow.solvers.bespoke_train import fit_bespoke
+
+    sch, data, den, x, grid = issue_problem()
+    ns = [5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50]
+    exact = lambda g: data.flow_map(sch, x, g[0], g[-1])
+    ours = [("UniPC-3 (default, bh2)", UniPC(order=3)), ("UniPC-3 bh1", UniPC(order=3, variant="bh1")),
+            ("DEIS-3 logrho", DEIS(order=3, variant="logrho")), ("DPM++(3M)", DPMSolverPP(order=3))]
+    peers = [(f"diffusers UniPC-3 {v}, noise prediction", lambda v=v: diffusers.UniPCMultistepScheduler(
+        solver_order=3, solver_type=v, predict_x0=False, lower_order_final=False)) for v in ("bh2", "bh1")]
+    lines = ["# Other candidates for tracker issue 11's N = 10 / 20 targets (issue-vp)", "",
+             "Command: `OMP_NUM_THREADS=1 .venv/bin/python -m pytest benchmarks/test_bench_solver_variants.py "
+             "--benchmark-only -o testpaths=benchmarks -s -k candidates` (the candidates: the module docstring). "
+             "RMS error against the exact flow map; targets <= 1.0e-2 at N = 10, <= 2.0e-4 at N = 20.",
+             f"CPU, one thread, load average {' / '.join(f'{v:.1f}' for v in os.getloadavg())}.", "",
+             "| solver | " + " | ".join(f"N = {n}" for n in ns) + " |", "|---" * (len(ns) + 1) + "|"]
+    with torch.no_grad():
+        for label, solver in ours:
+            errs = [rms(solve(den, x, grid(n), solver).x, exact(grid(n))) for n in ns]
+            lines.append(f"| {label} | " + " | ".join(f"{e:.3g}" for e in errs) + " |")
+        for label, make in peers:
+            errs = [rms(run_peer(make, sch, den, x, grid(n)), exact(grid(n))) for n in ns]
+            lines.append(f"| {label} | " + " | ".join(f"{e:.3g}" for e in errs) + " |")
+    g = torch.Generator().manual_seed(123)
+    train, val = (_exact_ground_truth(den, data, sch, m, x.shape[1], g) for m in (512, 256))
+    lines += ["", "Bespoke solvers fitted to this model, one fit per NFE (their own learned grid from 1 to 1e-3):", "",
+              "| fitted solver | NFE | RMS error | fit (s) |", "|---|---|---|---|"]
+    for label, make, steps in [("BespokeSolver rk2", lambda k: BespokeSolver(k, "rk2"), lambda nfe: nfe // 2),
+                               ("BespokeSolver rk1", lambda k: BespokeSolver(k, "rk1"), lambda nfe: nfe),
+                               ("BespokeNSSolver", BespokeNSSolver, lambda nfe: nfe)]:
+        for nfe in (10, 20):
+            solver = make(steps(nfe))
+            hist = fit_bespoke(den, solver, train, val, progress=False)
+            with torch.no_grad():
+                gr = solver.timesteps(1.0, 1e-3)
+                sol = solve(den, x, gr, solver)
+                err = rms(sol.x, exact(gr))
+            assert sol.nfe == nfe
+            lines.append(f"| {label} | {nfe} | {err:.3g} | {hist.seconds:.0f} |")
+    (RESULTS / "issue_vp_candidates.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
