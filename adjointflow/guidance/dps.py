@@ -36,6 +36,7 @@ from ..solvers.sde import SDEDPMSolverPP
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_nonneg_float,
                    check_positive_int, check_progress, check_run_inputs, evaluate_objective, resolve_noise,
                    sampling_grid)
+from .witnesses import at_step
 
 __all__ = ["DPS"]
 
@@ -149,7 +150,7 @@ class DPS:
             with torch.no_grad():
                 state = solver.init(model, x_init.detach(), grid)
             for i in range(len(grid) - 1):
-                t, at, where = grid[i], bound.evals[i], f"at step {i} (t={times[i]:.6g})"
+                t, at, where = grid[i], bound.evals[i], at_step(i, times[i])
                 x = state.x.detach().requires_grad_(True)
                 with torch.enable_grad():
                     pred = model(x, at)

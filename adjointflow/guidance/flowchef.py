@@ -28,7 +28,7 @@ from ..plan import Plan
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_nonneg_float,
                    check_positive_int, check_progress, check_run_inputs, evaluate_objective, sampling_grid,
                    step_scale)
-from .witnesses import Witnesses
+from .witnesses import Witnesses, at_step
 
 __all__ = ["FlowChef"]
 
@@ -105,7 +105,7 @@ class FlowChef:
         for k in range(1, self.iterations + 1):
             leaf = x0.detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = evaluate_objective(objective, leaf, t, where=f"at step {i} (t={t_host:.6g})",
+                loss = evaluate_objective(objective, leaf, t, where=at_step(i, t_host),
                                           witnesses=witnesses, step=i, t_host=t_host)
                 (g,) = torch.autograd.grad(loss.sum(), leaf)
             first = loss.detach() if first is None else first
@@ -139,7 +139,7 @@ class FlowChef:
         mon = RunMonitor("FlowChef", len(grid) - 1, callback=self.callback, progress=self.progress)
         with mon:
             for i in range(len(grid) - 1):
-                t, where = grid[i], f"at step {i} (t={times[i]:.6g})"
+                t, where = grid[i], at_step(i, times[i])
                 with torch.no_grad():
                     pred = model(x, evals[i])
                     u = pred.velocity

@@ -37,7 +37,7 @@ from ..models import EvalPoint
 from ..plan import Plan
 from .base import (Counter, CountedDenoiser, GuidanceResult, RunMonitor, Timer, check_callback, check_positive_int,
                    check_progress, check_run_inputs, evaluate_objective, sampling_grid)
-from .witnesses import Witnesses
+from .witnesses import Witnesses, at_step
 
 __all__ = ["StepwiseSampler", "Step", "HostValues", "check_fraction", "tweedie_variance", "stop_grid"]
 
@@ -133,7 +133,7 @@ class Step:
         return out
 
     def where(self) -> str:
-        return f"at step {self.i} (t={self.host.t:.6g})"
+        return at_step(self.i, self.host.t)
 
 
 class StepwiseSampler:

@@ -13,7 +13,12 @@ from torch import Tensor
 from ..errors import NonFiniteError
 from ..finite import _sum
 
-__all__ = ["Witnesses"]
+__all__ = ["Witnesses", "at_step"]
+
+
+def at_step(i: int, t: float) -> str:
+    """How a guidance error names where it happened: ``"at step i (t=...)"`` (``t`` a host float)."""
+    return f"at step {i} (t={t:.6g})"
 
 
 class Witnesses:
