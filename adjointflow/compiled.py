@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .finite import FiniteRecord
+from .models import Conversion, EvalPoint
 from .solvers.base import State
 
 __all__ = ["Compile", "compiled_step", "compiled_loop", "check_compile"]
@@ -169,38 +170,104 @@ def compiled_step(bound, solver, spec: Compile):
     return step
 
 
-def _loop_body(solver, model, mode, tensors, rows, noises, keep):
+class _Evaluations:
+    """The model's record inside the traced loop: the evaluation points' node indices (host ints, known when
+    tracing), nothing else. The eager record keeps each output for the deferred check; here the final state
+    witnesses them (:mod:`adjointflow.finite`), and keeping them would make every output a graph output."""
+
+    mode = False
+
+    def __init__(self):
+        self.points: list = []
+
+    def model(self, out, t) -> None:
+        self.points.append(t.index if type(t) is EvalPoint else None)
+
+
+def _leaves(v: Any, bases: list, ids: dict) -> Any:
+    """``v`` (a bound row) with every tensor replaced by a :class:`_Leaf` on one of ``bases``: a plan binds
+    its floats as views of one tensor and its network times as views of another, and views handed to a
+    compiled graph one by one are each an input to guard and to re-create at every call."""
+    tv = type(v)
+    if isinstance(v, torch.Tensor):
+        base = v._base if v._base is not None and v._base.dtype == v.dtype else v
+        k = ids.get(id(base))
+        if k is None:
+            k = ids[id(base)] = len(bases)
+            bases.append(base)
+        return _Leaf(k, None if base is v else (tuple(v.shape), v.stride(), v.storage_offset()))
+    if isinstance(v, tuple):
+        out = [_leaves(e, bases, ids) for e in v]
+        return tv._make(out) if hasattr(tv, "_make") else tuple(out)
+    if tv is EvalPoint:
+        return EvalPoint(v.index, v.t, _leaves(v.t_net, bases, ids), _leaves(v.conversion, bases, ids))
+    if tv is Conversion:
+        return Conversion(v.kind, _leaves(v.pq, bases, ids), v.where, v.schedule)
+    if tv is dict:
+        return {key: _leaves(e, bases, ids) for key, e in v.items()}
+    if tv is list:
+        return [_leaves(e, bases, ids) for e in v]
+    return v
+
+
+class _Leaf(NamedTuple):
+    base: int
+    view: tuple | None  # (size, stride, storage offset) of a view of the base, None for the base itself
+
+
+def _rebuild(v: Any, bases) -> Any:
+    """Inverse of :func:`_leaves`, run while tracing: the views are ops on the graph's few inputs."""
+    tv = type(v)
+    if tv is _Leaf:
+        b = bases[v.base]
+        return b if v.view is None else b.as_strided(*v.view)
+    if isinstance(v, tuple):
+        out = [_rebuild(e, bases) for e in v]
+        return tv._make(out) if hasattr(tv, "_make") else tuple(out)
+    if tv is EvalPoint:
+        return EvalPoint(v.index, v.t, _rebuild(v.t_net, bases), _rebuild(v.conversion, bases))
+    if tv is Conversion:
+        return Conversion(v.kind, _rebuild(v.pq, bases), v.where, v.schedule)
+    if tv is dict:
+        return {key: _rebuild(e, bases) for key, e in v.items()}
+    if tv is list:
+        return [_rebuild(e, bases) for e in v]
+    return v
+
+
+def _loop_body(solver, model, template, bases, tensors, noises, keep):
     # as _step_body, for every row: the steps unrolled into one graph; the number of evaluations after each
     # step is a trace-time constant, handed back so the driver can record the steps as the eager loop does
-    model.record = FiniteRecord(mode)
+    rows = _rebuild(template, bases)
     state = State.from_tensors(tensors)
     xs, counts = [], []
     for c, dw in zip(rows, noises):
         state = solver.step(model, state, c, dw)
-        counts.append(len(model.record.calls))
+        counts.append(len(model.record.points))
         if keep:
             xs.append(state.x)
-    return state.tensors(), xs, model.record.calls, counts
+    return state.tensors(), xs, counts
 
 
 def compiled_loop(bound, solver, spec: Compile, start: int, stop: int, keep: bool):
-    """``run(model, state, noises) -> (state, xs, calls, counts)``: steps ``start .. stop-1`` as one compiled
-    graph (``compile="solve"``); ``xs`` the states after each step if ``keep``; cached on ``bound``."""
+    """``run(model, state, noises) -> (state, xs, points, counts)``: steps ``start .. stop-1`` as one compiled
+    graph (``compile="solve"``); ``xs`` the states after each step if ``keep``, ``points`` the evaluation
+    points of the model calls in order (an index into ``bound.evals``, or ``None``), ``counts`` the number of
+    calls after each step; cached on ``bound``."""
     cache = bound.__dict__.setdefault("compiled", {})
     key = ("solve", spec, solver, torch.is_grad_enabled(), start, stop, keep)
-    fn = cache.get(key)
-    if fn is None:
-        fn = cache[key] = spec(_own(_loop_body))
-    rows = bound.rows[start:stop]
+    entry = cache.get(key)
+    if entry is None:
+        bases: list = []
+        template = _leaves(bound.rows[start:stop], bases, {})
+        entry = cache[key] = (spec(_own(_loop_body)), template, bases)
+    fn, template, bases = entry
     what = f"a {type(solver).__name__} solve as one graph"
 
     def run(model, state, noises):
-        record = model.record
-        try:
-            tensors, xs, calls, counts = _guarded(fn, what, solver, model, record.mode, state.tensors(), rows,
-                                                  noises, keep)
-        finally:
-            model.record = record
-        return State.from_tensors(tensors), xs, calls, counts
+        inner = model.replay()
+        inner.record = _Evaluations()
+        tensors, xs, counts = _guarded(fn, what, solver, inner, template, bases, state.tensors(), noises, keep)
+        return State.from_tensors(tensors), xs, inner.record.points, counts
 
     return run

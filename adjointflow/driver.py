@@ -176,10 +176,10 @@ def _integrate_whole(problem: Problem, model: ModelCall, state: State, start: in
     times, x, noise = problem.bound.plan.times, state.x, problem.noise
     noises = (None,) * (stop - start) if noise is None else tuple(_increment(noise, times, i, x) for i in range(start, stop))
     run = compiled_loop(problem.bound, problem.solver, problem.compile, start, stop, trajectory is not None)
-    state, xs, calls, counts = run(model, state, noises)
-    record, done = model.record, 0
+    state, xs, points, counts = run(model, state, noises)
+    record, done, evals = model.record, 0, problem.bound.evals
     for i, n in zip(range(start, stop), counts):
-        record.calls.extend(calls[done:n])
+        record.calls.extend((None, times[i] if j is None else evals[j]) for j in points[done:n])
         done = n
         record.end_step(i, times[i + 1], xs[i - start] if xs else state.x, start=times[i])
     if trajectory is not None:
