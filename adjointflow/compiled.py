@@ -11,8 +11,11 @@ number of steps) and reused. Works with every gradient strategy and option of ``
 before it and held at once, ``N |x|`` of memory for a stochastic solver). One call per solve instead of one
 per step, so the per-call costs of a compiled function (guards, runtime wrappers) are paid once, and the
 backend may fuse across steps; compilation takes longer and grows with the number of steps, and a new grid
-compiles again. On the project's CPU it is not faster than the eager loop for a small MLP
-(``benchmarks/results/overhead.md``); launch-bound GPUs are where one graph per solve is meant to pay, e.g. with
+compiles again. On the project's CPU, with a small MLP, it is 0.77-0.95x the eager loop for DDIM, DPM++ and
+UniPC (DEIS about equal) when one method is sampled repeatedly (``benchmarks/results/vs_diffusers_focused.md``), but no faster where many other variants
+run in between (``benchmarks/results/overhead.md``: its generated kernels come in cold). The graph takes the
+bound plan's few base tensors, not each row's views, as inputs. Launch-bound GPUs are where one graph per solve
+is meant to pay, e.g. with
 ``Compile(scope="solve", mode="reduce-overhead")`` (CUDA graphs: each call's outputs are overwritten by the next
 call, so clone what you keep). Not measured here (no GPU). It is for the plain solve
 (:class:`~adjointflow.adjoint.Backprop`, and :class:`~adjointflow.adjoint.ContinuousAdjoint`'s forward

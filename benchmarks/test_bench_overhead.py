@@ -522,3 +522,42 @@ def test_overhead_every_solver(benchmark):
     # alpha_t (1/2 - phi_2(-h)) = alpha_t h phi_3(-h), half of the Taylor term 2 alpha_t h phi_3(-h) that ours uses
     # (same work per step, outputs 1e-3 apart)
     assert all(v < (1e-2 if k == ("diffusers", "DPM++(3M)") else 1e-3) for k, v in checks.items()), checks
+
+
+def test_vs_diffusers_focused(benchmark):
+    """Each diffusers method on its own: diffusers' loop, ``solve`` eager and ``solve(compile="solve")`` (and, for
+    DDIM, the hand loop and the network calls alone) in rotation, 41 rounds. The working set is one method's, as
+    when a user samples with one scheduler; in ``test_overhead_every_solver`` every call follows 300+ other
+    variants, which costs most the code a variant has to itself (a compiled loop's generated kernels)."""
+    from test_bench_gradients import round_robin
+
+    torch.manual_seed(0)
+    net = MLP().eval()
+    x = torch.randn(B, D)
+    rounds = int(os.environ.get("OVERHEAD_ROUNDS", 41))
+    lines = [f"MLP 65-256-256-64 SiLU, state ({B}, {D}) float32, N = {N}, 1 thread; each method alone: its variants "
+             f"round-robin, {rounds} rounds, process CPU time, medians of per-round ratios to diffusers' loop.", "",
+             "| method | diffusers loop (ms) | solve / diffusers | solve(compile=\"solve\") / diffusers | hand loop / "
+             "diffusers | network calls alone / diffusers | load average before / after |", "|---|---|---|---|---|---|---|"]
+    for name, sched, solver, den, grid in diffusers_cases(net):
+        variants = {"diffusers": lambda sched=sched: diffusers_loop(net, sched, x),
+                    "solve": lambda den=den, grid=grid, s=solver: af.solve(den, x, grid, s).x,
+                    "compiled": lambda den=den, grid=grid, s=solver: af.solve(den, x, grid, s, compile="solve").x}
+        if name == "DDIM":
+            c = Hand(den, grid, af.DDIM())
+            variants["hand"] = lambda c=c: hand_ddim(net, x, c)
+            variants["calls"] = lambda: [net(x, torch.full((B,), 500.0)) for _ in range(N)]
+        with torch.no_grad():
+            outs = {k: f() for k, f in variants.items() if k != "calls"}
+            ref = outs["diffusers"]
+            for k, out in outs.items():  # every variant runs the same method
+                assert float((out - ref).abs().max() / ref.abs().max()) < (1e-2 if name == "DPM++(3M)" else 1e-3), (name, k)
+            times, load = round_robin(variants, rounds)
+        r = {k: ratio(times, k, "diffusers") for k in variants}
+        lines.append(f"| {name} | {statistics.median(times['diffusers']) * 1e3:.2f} | {r['solve']:.3f} | "
+                     f"{r['compiled']:.3f} | {r.get('hand', float('nan')):.3f} | {r.get('calls', float('nan')):.3f} | "
+                     f"{load[0]:.1f} / {load[1]:.1f} |")
+    text = "\n".join(lines).replace("| nan |", "| |").replace("| nan |", "| |") + "\n"
+    (Path(__file__).parent / "results" / "vs_diffusers_focused.md").write_text(text)
+    print("\n" + text)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
