@@ -187,29 +187,23 @@ class _Evaluations:
         self.points.append(t.index if type(t) is EvalPoint else None)
 
 
-def _leaves(v: Any, bases: list, ids: dict) -> Any:
-    """``v`` (a bound row) with every tensor replaced by a :class:`_Leaf` on one of ``bases``: a plan binds
-    its floats as views of one tensor and its network times as views of another, and views handed to a
-    compiled graph one by one are each an input to guard and to re-create at every call."""
+def _map(v: Any, leaf: type, f) -> Any:
+    """``v`` (a bound row, or rows) with ``f`` applied to every ``leaf`` inside it: the structure a plan binds
+    (tuples and named tuples, evaluation points and their conversions, dicts, lists) is kept, the rest as is."""
     tv = type(v)
-    if isinstance(v, torch.Tensor):
-        base = v._base if v._base is not None and v._base.dtype == v.dtype else v
-        k = ids.get(id(base))
-        if k is None:
-            k = ids[id(base)] = len(bases)
-            bases.append(base)
-        return _Leaf(k, None if base is v else (tuple(v.shape), v.stride(), v.storage_offset()))
+    if isinstance(v, leaf):
+        return f(v)
     if isinstance(v, tuple):
-        out = [_leaves(e, bases, ids) for e in v]
+        out = [_map(e, leaf, f) for e in v]
         return tv._make(out) if hasattr(tv, "_make") else tuple(out)
     if tv is EvalPoint:
-        return EvalPoint(v.index, v.t, _leaves(v.t_net, bases, ids), _leaves(v.conversion, bases, ids))
+        return EvalPoint(v.index, v.t, _map(v.t_net, leaf, f), _map(v.conversion, leaf, f))
     if tv is Conversion:
-        return Conversion(v.kind, _leaves(v.pq, bases, ids), v.where, v.schedule)
+        return Conversion(v.kind, _map(v.pq, leaf, f), v.where, v.schedule)
     if tv is dict:
-        return {key: _leaves(e, bases, ids) for key, e in v.items()}
+        return {key: _map(e, leaf, f) for key, e in v.items()}
     if tv is list:
-        return [_leaves(e, bases, ids) for e in v]
+        return [_map(e, leaf, f) for e in v]
     return v
 
 
@@ -218,24 +212,27 @@ class _Leaf(NamedTuple):
     view: tuple | None  # (size, stride, storage offset) of a view of the base, None for the base itself
 
 
-def _rebuild(v: Any, bases) -> Any:
-    """Inverse of :func:`_leaves`, run while tracing: the views are ops on the graph's few inputs."""
-    tv = type(v)
-    if tv is _Leaf:
-        b = bases[v.base]
-        return b if v.view is None else b.as_strided(*v.view)
-    if isinstance(v, tuple):
-        out = [_rebuild(e, bases) for e in v]
-        return tv._make(out) if hasattr(tv, "_make") else tuple(out)
-    if tv is EvalPoint:
-        return EvalPoint(v.index, v.t, _rebuild(v.t_net, bases), _rebuild(v.conversion, bases))
-    if tv is Conversion:
-        return Conversion(v.kind, _rebuild(v.pq, bases), v.where, v.schedule)
-    if tv is dict:
-        return {key: _rebuild(e, bases) for key, e in v.items()}
-    if tv is list:
-        return [_rebuild(e, bases) for e in v]
-    return v
+def _template(rows: list) -> tuple[list, list]:
+    """``(template, bases)``: ``rows`` with every tensor replaced by a :class:`_Leaf` on one of ``bases``. A plan
+    binds its floats as views of one tensor and its network times as views of another, and views handed to a
+    compiled graph one by one are each an input to guard and to re-create at every call."""
+    bases: list = []
+    ids: dict = {}
+
+    def leaf(v: torch.Tensor) -> _Leaf:
+        base = v._base if v._base is not None and v._base.dtype == v.dtype else v
+        k = ids.get(id(base))
+        if k is None:
+            k = ids[id(base)] = len(bases)
+            bases.append(base)
+        return _Leaf(k, None if base is v else (tuple(v.shape), v.stride(), v.storage_offset()))
+
+    return _map(rows, torch.Tensor, leaf), bases
+
+
+def _rebuild(template: list, bases) -> list:
+    """Inverse of :func:`_template`, run while tracing: the views are ops on the graph's few inputs."""
+    return _map(template, _Leaf, lambda v: bases[v.base] if v.view is None else bases[v.base].as_strided(*v.view))
 
 
 def _loop_body(solver, model, template, bases, tensors, noises, keep):
@@ -261,8 +258,7 @@ def compiled_loop(bound, solver, spec: Compile, start: int, stop: int, keep: boo
     key = ("solve", spec, solver, torch.is_grad_enabled(), start, stop, keep)
     entry = cache.get(key)
     if entry is None:
-        bases: list = []
-        template = _leaves(bound.rows[start:stop], bases, {})
+        template, bases = _template(bound.rows[start:stop])
         entry = cache[key] = (spec(_own(_loop_body)), template, bases)
     fn, template, bases = entry
     what = f"a {type(solver).__name__} solve as one graph"
