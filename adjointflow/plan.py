@@ -113,6 +113,12 @@ class Plan:
     def end(self) -> Nodes:
         return self.nodes[1 : self.n + 1]
 
+    def on_grid(self, like: Tensor, *names: str) -> tuple[Tensor, ...]:
+        """The schedule values ``names`` (:class:`Nodes` fields, e.g. ``"alpha"``) at the ``n + 1`` grid times,
+        in ``like``'s dtype on its device: the planned float64 values, one host-to-device copy for all."""
+        values = np.stack([getattr(self.nodes, k)[: self.n + 1] for k in names])
+        return torch.from_numpy(values).to(dtype=like.dtype, device=like.device).unbind(0)
+
     def at(self, i: int) -> At:
         """The evaluation point at grid time ``i``."""
         return At(i)

@@ -132,8 +132,7 @@ class FlowChef:
         times, evals = plan.times, plan.bind(model.denoiser, x).evals
         # per grid time, in the state's dtype on its device (computed once): d x0_hat / d x_t with u frozen,
         # from x = a x0 + s eps and u = a' x0 + s' eps; and the step lengths
-        a, s, da, ds = (v.to(dtype=x.dtype, device=x.device) for v in
-                        (sch.alpha(grid), sch.sigma(grid), sch.dalpha_dt(grid), sch.dsigma_dt(grid)))
+        a, s, da, ds = plan.on_grid(x, "alpha", "sigma", "dalpha", "dsigma")
         cs = ds / (a * ds - s * da)
         hs = (grid[1:] - grid[:-1]).to(dtype=x.dtype, device=x.device)
         mon = RunMonitor("FlowChef", len(grid) - 1, callback=self.callback, progress=self.progress)

@@ -204,8 +204,7 @@ class StepwiseSampler:
         sch = denoiser.schedule
         plan = Plan(sch, grid)  # float64 schedule values on the host, once
         evals = plan.bind(model.denoiser, x).evals  # network times and conversions, one copy to the device
-        alphas = sch.alpha(grid).to(dtype=x.dtype, device=x.device)
-        sigmas = sch.sigma(grid).to(dtype=x.dtype, device=x.device)
+        alphas, sigmas = plan.on_grid(x, "alpha", "sigma")
         ctx = self._plan(ctx, alphas, sigmas)
         host = list(zip(plan.times, plan.nodes.alpha.tolist(), plan.nodes.sigma.tolist()))
         gen = torch.Generator(device=x.device).manual_seed(self.seed)
