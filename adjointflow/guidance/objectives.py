@@ -41,6 +41,17 @@ def _check_x(x, name: str = "x") -> None:
         raise ValueError(f"{name} must have shape (batch, *dims) with at least one sample dimension, got {tuple(x.shape)}")
 
 
+def _once(owner, key, make):
+    """``make()`` the first time ``owner`` asks for ``key``, the cached value after: a constant cast to one dtype
+    and device once, since building or copying it at every call would be a host-to-device copy per step, which
+    synchronises on a GPU."""
+    cache = owner.__dict__.setdefault("_consts", {})
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+    return value
+
+
 class Operator:
     """A measurement operator ``A`` acting on batches ``(batch, *dims)``.
 
@@ -92,13 +103,9 @@ class Operator:
 
     def _const(self, key, make) -> Tensor:
         """A constant of this operator (mask, transfer function, SVD factors...) on one dtype and device, made
-        on first use: building or copying it at every call would be a host-to-device copy per step, which
-        synchronises on a GPU. Operators are immutable (they keep their own copies), so it never goes stale."""
-        cache = self.__dict__.setdefault("_consts", {})
-        value = cache.get(key)
-        if value is None:
-            value = cache[key] = make()
-        return value
+        on first use (:func:`_once`). Operators are immutable (they keep their own copies), so it never goes
+        stale."""
+        return _once(self, key, make)
 
     # subclasses
     def _check_input(self, x: Tensor) -> None:
@@ -577,16 +584,12 @@ class MeasurementLoss:
             raise ValueError("Poisson measurements must be non-negative")
         # its own copy of y, cast per dtype/device once (a copy per step would synchronise on a GPU)
         self.operator, self.y, self.sigma, self.noise = operator, y.detach().clone(), float(sigma), noise
-        self._y_cast: dict = {}
 
     def __repr__(self):
         return f"MeasurementLoss({self.operator!r}, y.shape={tuple(self.y.shape)}, sigma={self.sigma}, noise={self.noise!r})"
 
     def _y_like(self, ax: Tensor) -> Tensor:
-        key = (ax.dtype, ax.device)
-        y = self._y_cast.get(key)
-        if y is None:
-            y = self._y_cast[key] = self.y.to(dtype=ax.dtype, device=ax.device)
+        y = _once(self, ("y", ax.dtype, ax.device), lambda: self.y.to(dtype=ax.dtype, device=ax.device))
         if tuple(y.shape) == tuple(ax.shape):
             return y
         if tuple(y.shape) == tuple(ax.shape[1:]):
